@@ -1,0 +1,178 @@
+"""Per-example diffusion losses [B], loss weightings and time samplers.
+
+A loss compares the model output with the true value of its target at
+x_t = alpha x0 + sigma eps, averaged over the non-batch dimensions:
+
+    loss_b = w(t_b) * mean_d (pred - target)^2
+
+Weightings (`WEIGHTINGS`) are given as the weight on the **x0-space** error
+||x0_hat - x0||^2 and applied in the model's own target space by dividing by
+`targets.x0_mse_factor` (the exact ratio of the two errors at fixed x_t), so
+the same weighting means the same objective whatever the model predicts:
+
+    uniform   weight 1 in the model's own target space (DDPM's L_simple for eps)
+    snr       SNR(t) in x0 space = the unweighted eps loss
+    min_snr   min(SNR(t), gamma) in x0 space (Hang et al. 2023)
+    elbo      -1/2 dlogSNR/dt * SNR(t) in x0 space: the continuous-time ELBO
+              (Kingma et al. 2021, eq. 17) per dimension, in nats, for t ~ U(0, 1)
+    sigmoid   SNR(t) * sigmoid(bias - logSNR(t)) (Kingma & Gao 2023, eps-space sigmoid)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffusax.core import targets as targets_lib
+from diffusax.core.process import batch_time, check_same_shape
+from diffusax.core.schedules import Schedule
+
+F32 = jnp.float32
+
+
+# ---------------------------------------------------------------------------
+# Weightings: functions (schedule, t [B], **params) -> x0-space weight [B].
+
+def _w_snr(schedule, t, **_):
+  return schedule.snr(t)
+
+
+def _w_min_snr(schedule, t, gamma=5.0, **_):
+  return jnp.minimum(schedule.snr(t), gamma)
+
+
+def _w_elbo(schedule, t, **_):
+  return -0.5 * schedule.d_log_snr(t) * schedule.snr(t)
+
+
+def _w_sigmoid(schedule, t, bias=-1.0, **_):
+  return schedule.snr(t) * jax.nn.sigmoid(bias - schedule.log_snr(t))
+
+
+WEIGHTINGS: dict[str, Callable | None] = {
+    "uniform": None,
+    "snr": _w_snr,
+    "min_snr": _w_min_snr,
+    "elbo": _w_elbo,
+    "sigmoid": _w_sigmoid,
+}
+
+
+def check_weighting(name: str) -> str:
+  if name not in WEIGHTINGS:
+    raise ValueError(f"unknown loss weighting {name!r}; allowed: {sorted(WEIGHTINGS)}")
+  return name
+
+
+def target_weight(schedule: Schedule, t, target: str, weighting: str = "uniform", **params):
+  """The weight [B] applied to the target-space squared error for `weighting`."""
+  check_weighting(weighting)
+  targets_lib.check_target(target)
+  t = jnp.asarray(t, F32)
+  if weighting == "uniform":
+    return jnp.ones_like(t)
+  a, s, da, ds = targets_lib.coefficients(schedule, t)
+  w_x0 = WEIGHTINGS[weighting](schedule, t, **params)
+  return w_x0 / targets_lib.x0_mse_factor(target, a, s, da, ds)
+
+
+def target_value(schedule: Schedule, target: str, x0, eps, t):
+  """The true value of `target` for (x0, eps) at time t [B]; float32 [B, ...]."""
+  x0, eps = jnp.asarray(x0), jnp.asarray(eps)
+  check_same_shape(x0, eps, "x0", "eps")
+  tb = batch_time(t, x0, "t", "x0")
+  a, s, da, ds = targets_lib.coefficients(schedule, tb)
+  return targets_lib.from_x0_eps(x0, eps, target, a, s, da, ds)
+
+
+def diffusion_loss(schedule: Schedule, pred, target: str, x0, eps, t, *,
+                   weighting: str = "uniform", **weighting_params):
+  """Per-example weighted squared error [B] (float32) of a `target` prediction.
+
+  Args:
+    pred: model output at x_t = q_sample(schedule, x0, t, eps), shape of x0.
+    target: what `pred` predicts, one of targets.TARGETS.
+    x0, eps: [B, ...]; t: [B].
+    weighting: a name in WEIGHTINGS; extra parameters (gamma, bias) by keyword.
+  """
+  check_weighting(weighting)
+  pred = jnp.asarray(pred)
+  x0 = jnp.asarray(x0)
+  check_same_shape(pred, x0, "pred", "x0")
+  t = jnp.asarray(t, F32)
+  if t.ndim != 1 or t.shape[0] != x0.shape[0]:
+    raise ValueError(f"t must have shape [B] = [{x0.shape[0]}], got {tuple(t.shape)}")
+  true = target_value(schedule, target, x0, eps, t)
+  err = jnp.square(pred.astype(F32) - true)
+  per_ex = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+  return target_weight(schedule, t, target, weighting, **weighting_params) * per_ex
+
+
+# ---------------------------------------------------------------------------
+# Time samplers: (key, batch_size, ...) -> t [B] float32 in [t_min, 1].
+
+def uniform_t(key, batch_size: int, t_min: float = 1e-5, t_max: float = 1.0):
+  return jax.random.uniform(key, (batch_size,), F32, t_min, t_max)
+
+
+def low_discrepancy_t(key, batch_size: int, t_min: float = 1e-5, t_max: float = 1.0):
+  """Stratified: t_i = (u + i / B) mod 1, mapped to [t_min, t_max] (Kingma et al. 2021)."""
+  u = jax.random.uniform(key, (), F32)
+  t = jnp.mod(u + jnp.arange(batch_size, dtype=F32) / batch_size, 1.0)
+  return t_min + (t_max - t_min) * t
+
+
+def uniform_discrete_t(key, batch_size: int, num_steps: int):
+  """t = (i + 1) / T with i uniform in {0, ..., T-1}: the knots of a `Discrete` schedule."""
+  i = jax.random.randint(key, (batch_size,), 0, num_steps)
+  return (i.astype(F32) + 1.0) / num_steps
+
+
+def log_normal_t(key, batch_size: int, schedule: Schedule, p_mean: float = -1.2, p_std: float = 1.2):
+  """EDM's training noise: ln(sigma/alpha) ~ N(p_mean, p_std^2), mapped back to t (Karras et al. 2022)."""
+  log_sigma = p_mean + p_std * jax.random.normal(key, (batch_size,), F32)
+  return jnp.clip(schedule.t_from_log_snr(-2.0 * log_sigma), 0.0, 1.0)
+
+
+TIME_SAMPLERS = {
+    "uniform": uniform_t,
+    "low_discrepancy": low_discrepancy_t,
+    "uniform_discrete": uniform_discrete_t,
+    "log_normal": log_normal_t,
+}
+
+
+def sample_t(key, batch_size: int, method: str, *, schedule: Schedule | None = None,
+             num_steps: int | None = None, t_min: float = 1e-5, p_mean: float = -1.2, p_std: float = 1.2):
+  """Draws t [B] by name: one of TIME_SAMPLERS."""
+  if method == "uniform":
+    return uniform_t(key, batch_size, t_min)
+  if method == "low_discrepancy":
+    return low_discrepancy_t(key, batch_size, t_min)
+  if method == "uniform_discrete":
+    if num_steps is None and schedule is not None and hasattr(schedule, "num_steps"):
+      num_steps = schedule.num_steps
+    if not num_steps or num_steps < 1:
+      raise ValueError("time sampler 'uniform_discrete' needs num_steps >= 1 (or a Discrete schedule)")
+    return uniform_discrete_t(key, batch_size, num_steps)
+  if method == "log_normal":
+    if schedule is None:
+      raise ValueError("time sampler 'log_normal' needs the schedule")
+    return log_normal_t(key, batch_size, schedule, p_mean, p_std)
+  raise ValueError(f"unknown time sampler {method!r}; allowed: {sorted(TIME_SAMPLERS)}")
+
+
+# ---------------------------------------------------------------------------
+# Classifier-free guidance training.
+
+def drop_labels(key, labels, p, null_class: int):
+  """Replaces each label by `null_class` with probability p (label dropout for CFG).
+
+  labels: int [B]; p: float (may be traced); returns int [B] of the same dtype.
+  """
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+  drop = jax.random.bernoulli(key, p, labels.shape)
+  return jnp.where(drop, jnp.asarray(null_class, labels.dtype), labels)

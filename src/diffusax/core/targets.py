@@ -1,0 +1,136 @@
+"""Conversions between prediction targets.
+
+With x_t = alpha x0 + sigma eps the targets are
+    eps    the noise
+    x0     the clean data
+    v      alpha eps - sigma x0                       (Salimans & Ho 2022)
+    score  grad_x log q(x_t | x0) = -eps / sigma
+    flow   dx_t/dt = alpha' x0 + sigma' eps           (for `Flow`: eps - x0)
+Every target is converted through the pair (x0, eps), solving the 2x2 linear
+system formed by x_t and the target; nothing divides by alpha unless the target
+is eps itself. `convert` takes alpha and sigma (and alpha', sigma' for flow) as
+scalars, [B] arrays (expanded over x_t) or arrays broadcastable to x_t;
+`convert_at` reads them from a schedule at time t.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+F32 = jnp.float32
+TARGETS = ("eps", "x0", "v", "score", "flow")
+
+
+def check_target(name: str, arg: str = "target") -> str:
+  if name not in TARGETS:
+    raise ValueError(f"unknown {arg} {name!r}; allowed: {list(TARGETS)}")
+  return name
+
+
+def _expand(c, x, name):
+  if c is None:
+    return None
+  c = jnp.asarray(c, F32)
+  if c.ndim == 1 and x.ndim > 1:
+    if c.shape[0] != x.shape[0]:
+      raise ValueError(f"{name} of shape {tuple(c.shape)} does not match the batch of x_t {tuple(x.shape)}")
+    return c.reshape(c.shape + (1,) * (x.ndim - 1))
+  try:
+    jnp.broadcast_shapes(c.shape, x.shape)
+  except ValueError:
+    raise ValueError(f"{name} of shape {tuple(c.shape)} does not broadcast to x_t {tuple(x.shape)}") from None
+  return c
+
+
+def to_x0_eps(pred, target, x_t, alpha, sigma, d_alpha=None, d_sigma=None):
+  """Returns (x0, eps) in float32 implied by a prediction of `target` at x_t."""
+  check_target(target, "src")
+  pred, x_t = jnp.asarray(pred, F32), jnp.asarray(x_t, F32)
+  if pred.shape != x_t.shape:
+    raise ValueError(f"pred and x_t must have the same shape; got {tuple(pred.shape)} and {tuple(x_t.shape)}")
+  a, s = _expand(alpha, x_t, "alpha"), _expand(sigma, x_t, "sigma")
+  if target == "eps":
+    return (x_t - s * pred) / a, pred
+  if target == "x0":
+    return pred, (x_t - a * pred) / s
+  if target == "v":
+    n = a * a + s * s
+    return (a * x_t - s * pred) / n, (s * x_t + a * pred) / n
+  if target == "score":
+    eps = -s * pred
+    return (x_t - s * eps) / a, eps
+  # flow: [a s; da ds] [x0; eps] = [x_t; u]
+  if d_alpha is None or d_sigma is None:
+    raise ValueError("converting the 'flow' target needs d_alpha and d_sigma (d alpha/dt, d sigma/dt)")
+  da, ds = _expand(d_alpha, x_t, "d_alpha"), _expand(d_sigma, x_t, "d_sigma")
+  det = a * ds - s * da
+  return (ds * x_t - s * pred) / det, (a * pred - da * x_t) / det
+
+
+def from_x0_eps(x0, eps, target, alpha, sigma, d_alpha=None, d_sigma=None):
+  """The value of `target` for the pair (x0, eps), float32."""
+  check_target(target, "dst")
+  x0, eps = jnp.asarray(x0, F32), jnp.asarray(eps, F32)
+  a, s = _expand(alpha, x0, "alpha"), _expand(sigma, x0, "sigma")
+  if target == "eps":
+    return eps
+  if target == "x0":
+    return x0
+  if target == "v":
+    return a * eps - s * x0
+  if target == "score":
+    return -eps / s
+  if d_alpha is None or d_sigma is None:
+    raise ValueError("converting to the 'flow' target needs d_alpha and d_sigma (d alpha/dt, d sigma/dt)")
+  da, ds = _expand(d_alpha, x0, "d_alpha"), _expand(d_sigma, x0, "d_sigma")
+  return da * x0 + ds * eps
+
+
+def convert(pred, src, dst, x_t, alpha, sigma, d_alpha=None, d_sigma=None):
+  """Converts a prediction of `src` at x_t into `dst`; float32 result.
+
+  Args:
+    pred, x_t: [B, ...] arrays of one shape.
+    src, dst: names in TARGETS.
+    alpha, sigma (and d_alpha, d_sigma when either side is 'flow'): scalars,
+      [B], or broadcastable to x_t.
+  """
+  check_target(src, "src")
+  check_target(dst, "dst")
+  if src == dst:
+    return jnp.asarray(pred, F32)
+  x0, eps = to_x0_eps(pred, src, x_t, alpha, sigma, d_alpha, d_sigma)
+  return from_x0_eps(x0, eps, dst, alpha, sigma, d_alpha, d_sigma)
+
+
+def coefficients(schedule, t):
+  """(alpha, sigma, d_alpha, d_sigma) of a schedule at t, float32."""
+  t = jnp.asarray(t, F32)
+  return schedule.alpha(t), schedule.sigma(t), schedule.d_alpha(t), schedule.d_sigma(t)
+
+
+def convert_at(schedule, pred, src, dst, x_t, t):
+  """`convert` with the coefficients read from `schedule` at t (scalar or [B])."""
+  a, s, da, ds = coefficients(schedule, t)
+  return convert(pred, src, dst, x_t, a, s, da, ds)
+
+
+def x0_mse_factor(target, alpha, sigma, d_alpha=None, d_sigma=None):
+  """c(t) with ||target_hat - target||^2 = c(t) ||x0_hat - x0||^2 at fixed x_t.
+
+  Predictions that differ only through x0_hat at fixed x_t differ linearly:
+  eps: SNR = alpha^2/sigma^2; v: (alpha^2+sigma^2)^2/sigma^2; score: alpha^2/sigma^4;
+  flow: (d_alpha - d_sigma alpha/sigma)^2; x0: 1.
+  """
+  check_target(target)
+  a, s = jnp.asarray(alpha, F32), jnp.asarray(sigma, F32)
+  if target == "x0":
+    return jnp.ones_like(a * s)
+  if target == "eps":
+    return (a / s) ** 2
+  if target == "v":
+    return (a * a + s * s) ** 2 / (s * s)
+  if target == "score":
+    return (a / (s * s)) ** 2
+  if d_alpha is None or d_sigma is None:
+    raise ValueError("the 'flow' target needs d_alpha and d_sigma")
+  return (jnp.asarray(d_alpha, F32) - jnp.asarray(d_sigma, F32) * a / s) ** 2
