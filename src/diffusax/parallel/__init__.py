@@ -1,0 +1,1 @@
+"""Device mesh, axis names and sharding rules."""

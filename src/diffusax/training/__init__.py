@@ -1,0 +1,1 @@
+"""Training: state, optimizer, EMA and the train step."""
