@@ -1,0 +1,62 @@
+"""Flax Linen networks for diffusax; the core (`diffusax.core`) never imports this.
+
+Denoisers share one call: `module.apply(variables, x, t, y=None, train=False)`
+(`rngs={"dropout": key}` with train=True), x [B, H, W, C] (MLP: [B, D]),
+t float [B] continuous in [0, 1], y int [B] in [0, num_classes] with row
+num_classes the null class, or None. Outputs are float32 with the shape of x
+(channels doubled with learn_sigma: [prediction | v]).
+
+  NETWORKS / build(name, **kwargs)   "unet", "dit", "mlp"
+  NoisyClassifier                    logits for classifier guidance
+  bridge.denoiser / classifier_log_prob   (module, variables) -> core callables
+
+Parameters carry logical axis names: `init` returns `nn.LogicallyPartitioned`
+boxes; `apply` takes boxed or plain variables; `unbox(variables)` strips the
+boxes, `logical_spec(variables)` gives the logical PartitionSpec tree.
+`LOGICAL_AXES` lists the names, `LOGICAL_AXES_DOC` says what each labels.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from diffusax.nn import bridge
+from diffusax.nn.classifier import NoisyClassifier
+from diffusax.nn.dit import DIT_CONFIGS, DiT
+from diffusax.nn.layers import LOGICAL_AXES, logical_spec, unbox
+from diffusax.nn.mlp import MLPDenoiser
+from diffusax.nn.unet import UNet
+
+NETWORKS = {"unet": UNet, "dit": DiT, "mlp": MLPDenoiser}
+
+LOGICAL_AXES_DOC = {
+    "embed": "feature/channel dim of dense and attention inputs/outputs (DiT hidden, time-embedding width)",
+    "mlp": "hidden dim of MLPs (time MLP, DiT MLP, adaLN modulation outputs)",
+    "heads": "attention heads",
+    "kv": "per-head feature dim of queries, keys and values",
+    "conv_in": "input channels of a conv kernel [kh, kw, in, out]",
+    "conv_out": "output channels of a conv kernel, channel-sized biases and time projections",
+    "vocab": "class-table rows (num_classes + 1 with the null class); classifier logits",
+    "norm": "GroupNorm / LayerNorm scale and bias",
+}
+assert tuple(LOGICAL_AXES_DOC) == LOGICAL_AXES
+
+
+def fields(cls) -> tuple[str, ...]:
+  """Constructor fields of a network class (without Linen's parent/name)."""
+  return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name"))
+
+
+def build(name: str, **kwargs):
+  """NETWORKS[name](**kwargs), with plain errors for unknown names and fields."""
+  if name not in NETWORKS:
+    raise ValueError(f"unknown network {name!r}; allowed: {sorted(NETWORKS)}")
+  cls = NETWORKS[name]
+  allowed = fields(cls)
+  unknown = sorted(set(kwargs) - set(allowed))
+  if unknown:
+    raise ValueError(f"unknown {name} option(s) {unknown}; allowed: {list(allowed)}")
+  return cls(**kwargs)
+
+
+__all__ = ["NETWORKS", "build", "fields", "UNet", "DiT", "DIT_CONFIGS", "MLPDenoiser", "NoisyClassifier",
+           "bridge", "LOGICAL_AXES", "LOGICAL_AXES_DOC", "unbox", "logical_spec"]

@@ -1,0 +1,56 @@
+"""From Flax `(module, variables)` to the callables the pure core consumes.
+
+The core only knows `denoise(x_t, t, cond) -> output` (diffusax.core);
+what the output means (its target name in `diffusax.core.targets.TARGETS`)
+stays with the caller, who trained the network for it.
+
+  * `denoiser(module, variables)` -> denoise(x_t [B, ...], t scalar or [B],
+    cond labels [B] or None) -> [B, ...] float32 (2x channels with learn_sigma;
+    `split_variance` separates [prediction | v]).
+  * `classifier_log_prob(module, variables)` -> log_prob(x_t, t, labels) ->
+    log p(labels | x_t, t) [B], for classifier guidance (its gradient in x_t).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def denoiser(module: nn.Module, variables, *, train: bool = False, rngs=None) -> Callable:
+  """denoise(x_t, t, cond) = module.apply(variables, x_t, t, cond, train=train).
+
+  `variables` is the full dict ({"params": ...}), boxed or unboxed; `rngs`
+  (e.g. {"dropout": key}) only matters with train=True.
+  """
+  if train and rngs is None and getattr(module, "dropout", 0.0):
+    raise ValueError("denoiser(train=True) with dropout needs rngs={'dropout': key}")
+
+  def denoise(x_t, t, cond=None):
+    t = jnp.broadcast_to(jnp.asarray(t, F32), (x_t.shape[0],))
+    return module.apply(variables, x_t, t, cond, train=train, rngs=rngs)
+
+  return denoise
+
+
+def split_variance(output):
+  """[..., 2C] -> (prediction [..., C], v [..., C]) for learn_sigma networks."""
+  if output.shape[-1] % 2:
+    raise ValueError(f"learned-variance output needs an even channel count; got {output.shape[-1]}")
+  return jnp.split(output, 2, axis=-1)
+
+
+def classifier_log_prob(module: nn.Module, variables) -> Callable:
+  """log_prob(x_t, t, labels) = log softmax(module(x_t, t))[labels]: [B] float32."""
+
+  def log_prob(x_t, t, labels):
+    t = jnp.broadcast_to(jnp.asarray(t, F32), (x_t.shape[0],))
+    logits = module.apply(variables, x_t, t, train=False)
+    logp = jax.nn.log_softmax(logits.astype(F32), axis=-1)
+    return jnp.take_along_axis(logp, jnp.asarray(labels, jnp.int32)[:, None], axis=-1)[:, 0]
+
+  return log_prob
