@@ -1,4 +1,4 @@
 """Pure-JAX diffusion math. Never imports flax, optax, orbax or ml_collections."""
-from diffusax.core import likelihood, losses, process, schedules, targets
+from diffusax.core import guidance, likelihood, losses, process, samplers, schedules, targets
 
-__all__ = ["likelihood", "losses", "process", "schedules", "targets"]
+__all__ = ["guidance", "likelihood", "losses", "process", "samplers", "schedules", "targets"]

@@ -1,0 +1,84 @@
+"""Ancestral DDPM (Ho et al. 2020) and DDIM (Song et al. 2021): one Gaussian step.
+
+From the model's (x0_hat, eps_hat) at x_t, step i draws x_s (s = t_{i+1} < t)
+
+    x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2 v_post) eps_hat + sqrt(var) z,   z ~ N(0, I),
+
+where v_post = sigma_s^2 (1 - SNR_t / SNR_s) is the posterior variance of
+q(x_s | x_t, x0) (Kingma et al. 2021, eq. 4; = beta_tilde_t of Ho et al. 2020,
+eq. 7, for adjacent DDPM steps). Written with r = 1 - SNR_t/SNR_s = -expm1(lambda_t - lambda_s):
+
+  * DDPM, posterior mean alpha_s x0 + sigma_s sqrt(1 - r) eps (c = 1) and
+      variance="small"  var = beta_tilde = sigma_s^2 r
+      variance="large"  var = beta = sigma_{t|s}^2 = sigma_t^2 r      (Ho et al. 2020, sec. 3.2)
+      learned           log var = f log(beta) + (1 - f) log(beta_tilde), f = (v + 1) / 2
+                        (Nichol & Dhariwal 2021, eq. 15; `Model(learned_variance=True)`)
+  * DDIM (Song et al. 2021, eq. 12 and 16): c = eta, var = eta^2 v_post. eta = 0 is the
+    deterministic sampler, eta = 1 is DDPM with variance="small" (same draws, same key).
+
+For non-adjacent grid points on a `Discrete` schedule these are the respaced
+betas of Nichol & Dhariwal (2021, appendix B): beta_respaced = 1 - abar_t / abar_s.
+The last step (s = clean, sigma_s = 0) returns x0_hat with no noise.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from diffusax.core.samplers import driver, grid
+from diffusax.core.samplers.model import Model
+
+VARIANCES = ("small", "large")
+
+
+def _sampler(model: Model, t_at, kind: str, eta=None, variance: str = "small") -> driver.Sampler:
+  schedule = model.schedule
+
+  def levels(state, i):
+    return grid.levels(schedule, t_at, i, state.n)
+
+  def init(x_T, key, n):
+    return driver.init_state(x_T, key, n)
+
+  def step(state, i):
+    lv = levels(state, i)
+    x0, eps, v = model.predict(state.x, lv.t)
+    r = jnp.where(lv.last, 1.0, -jnp.expm1(lv.log_snr - jnp.where(lv.last, 0.0, lv.log_snr_next)))
+    s2 = lv.sigma_next ** 2
+    if kind == "ddim":
+      c_eps = lv.sigma_next * jnp.sqrt(jnp.maximum(1.0 - eta * eta * r, 0.0))
+      std = jnp.sqrt(eta * eta * s2 * r)
+      z = driver.noise(driver.step_key(state.key, i), state.x.shape, (eta > 0) & ~lv.last)
+      return state._replace(x=lv.alpha_next * x0 + c_eps * eps + std * z)
+    c_eps = lv.sigma_next * jnp.sqrt(jnp.maximum(1.0 - r, 0.0))
+    small, large = s2 * r, lv.sigma ** 2 * r
+    if v is not None:
+      frac = (v + 1.0) / 2.0
+      log_var = frac * jnp.log(large) + (1.0 - frac) * jnp.log(jnp.maximum(small, 1e-20))
+      var = jnp.where(lv.last, 0.0, jnp.exp(log_var))
+    elif variance == "large":
+      var = jnp.where(lv.last, 0.0, large)
+    else:
+      var = small
+    z = driver.noise(driver.step_key(state.key, i), state.x.shape)
+    return state._replace(x=lv.alpha_next * x0 + c_eps * eps + jnp.sqrt(var) * z)
+
+  return driver.Sampler(init, step, levels)
+
+
+def ddpm(model: Model, *, variance: str = "small", spacing: str = "linspace", t_min=None, t_max=None):
+  """Ancestral sampler. On a `Discrete` schedule with num_steps = T it visits every step.
+
+  Args:
+    variance: "small" (beta_tilde) or "large" (beta); ignored when the model has
+      learned variance (the interpolation of eq. 15 is used instead).
+    spacing, t_min, t_max: see `grid`. Fewer steps than T respace the schedule.
+  """
+  if variance not in VARIANCES:
+    raise ValueError(f"unknown variance {variance!r}; allowed: {list(VARIANCES)}")
+  return _sampler(model, grid.make(model.schedule, spacing, t_min, t_max), "ddpm", variance=variance)
+
+
+def ddim(model: Model, *, eta=0.0, spacing: str = "linspace", t_min=None, t_max=None):
+  """DDIM with a traced eta (0 deterministic, 1 = ancestral with beta_tilde)."""
+  eta = jnp.asarray(eta, jnp.float32)
+  return _sampler(model, grid.make(model.schedule, spacing, t_min, t_max), "ddim", eta=eta)

@@ -1,0 +1,109 @@
+"""The sampler type and the one loop that runs every sampler.
+
+A sampler is a pair of pure functions plus its grid (optax style):
+
+    state = sampler.init(x_T, key, n)      # State(x, key, n, aux)
+    state = sampler.step(state, i)         # x_{t_i} -> x_{t_{i+1}}, i = 0 .. n - 1
+    lv    = sampler.levels(state, i)       # grid.Levels of step i (for wrappers)
+
+`run` drives it with one `lax.fori_loop(0, n, ...)`. With a traced n this
+lowers to a single `while` loop with a traced trip count (the "equivalent" of a
+scan allowed by the design: a scan has a static length and would pay for padded
+steps); the time of step i is computed from (i, n), so a new n or any traced
+option (eta, churn, guidance scale) reuses the compiled loop. Random draws of
+step i use `jax.random.fold_in(key, i)` (sub-draws fold in again).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+
+
+class State(NamedTuple):
+  x: jax.Array        # [B, ...] float32, the current x_t
+  key: jax.Array      # the sampling key (never split; folded with the step index)
+  n: jax.Array        # int32 number of steps
+  aux: Any = ()       # family-specific carry (multistep history)
+
+
+class Sampler(NamedTuple):
+  init: Callable      # (x_T, key, n) -> State
+  step: Callable      # (State, i) -> State
+  levels: Callable    # (State, i) -> grid.Levels
+
+
+def init_state(x_T, key, n, aux=()) -> State:
+  return State(jnp.asarray(x_T, F32), key, jnp.asarray(n, jnp.int32), aux)
+
+
+def step_key(key, i, sub=None):
+  k = jax.random.fold_in(key, i)
+  return k if sub is None else jax.random.fold_in(k, sub)
+
+
+def noise(key, shape, enabled=None):
+  """N(0, I) of `shape`; with `enabled` (a traced bool) the draw is skipped by lax.cond when False."""
+  if enabled is None:
+    return jax.random.normal(key, shape, F32)
+  return jax.lax.cond(enabled, lambda: jax.random.normal(key, shape, F32), lambda: jnp.zeros(shape, F32))
+
+
+def _concrete_int(n) -> Optional[int]:
+  if isinstance(n, jax.core.Tracer):
+    return None
+  try:
+    return int(np.asarray(n))
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def check_num_steps(num_steps, max_steps=None, need_max=False):
+  """Validates the step count; returns it as int32 (clipped to [1, max_steps] when traced)."""
+  if max_steps is not None and (not isinstance(max_steps, (int, np.integer)) or max_steps < 1):
+    raise ValueError(f"max_steps must be a static int >= 1, got {max_steps!r}")
+  c = _concrete_int(num_steps)
+  if c is not None:
+    if c < 1:
+      raise ValueError(f"num_steps must be >= 1, got {c}")
+    if max_steps is not None and c > max_steps:
+      raise ValueError(f"num_steps={c} exceeds max_steps={max_steps}")
+  if need_max and max_steps is None:
+    if c is None:
+      raise ValueError("return_trajectory with a traced num_steps needs a static max_steps (the buffer size)")
+    max_steps = c
+  n = jnp.asarray(num_steps, jnp.int32)
+  if c is None:
+    n = jnp.clip(n, 1, max_steps if max_steps is not None else jnp.iinfo(jnp.int32).max)
+  return n, max_steps
+
+
+def run(sampler: Sampler, x_T, key, num_steps, *, return_trajectory: bool = False,
+        max_steps: Optional[int] = None):
+  """Runs `sampler` for num_steps (int or traced int32) from x_T [B, ...].
+
+  Returns x0 [B, ...] in x_T's dtype, or (x0, trajectory) with trajectory
+  [max_steps + 1, B, ...]: trajectory[k] is x after k steps for k <= n and the
+  final sample for k > n.
+  """
+  x_T = jnp.asarray(x_T)
+  out_dtype = x_T.dtype if jnp.issubdtype(x_T.dtype, jnp.floating) else F32
+  n, max_steps = check_num_steps(num_steps, max_steps, need_max=return_trajectory)
+  state = sampler.init(x_T, key, n)
+  if not return_trajectory:
+    state = jax.lax.fori_loop(0, n, lambda i, s: sampler.step(s, i), state)
+    return state.x.astype(out_dtype)
+  traj = jnp.zeros((max_steps + 1,) + state.x.shape, F32).at[0].set(state.x)
+
+  def body(i, carry):
+    s, tr = carry
+    s = sampler.step(s, i)
+    return s, jax.lax.dynamic_update_index_in_dim(tr, s.x, i + 1, 0)
+  state, traj = jax.lax.fori_loop(0, n, body, (state, traj))
+  k = jnp.arange(max_steps + 1).reshape((-1,) + (1,) * state.x.ndim)
+  traj = jnp.where(k > n, state.x[None], traj)
+  return state.x.astype(out_dtype), traj.astype(out_dtype)
