@@ -1,13 +1,84 @@
-"""diffusax entry point: `python -m diffusax.main --config=configs/NAME.py --workdir=DIR`."""
+"""diffusax entry point.
+
+    python -m diffusax.main --config=configs/digits.py --workdir=runs/digits [--config.train.num_steps=100 ...]
+
+Modes: `train` (default; resumes when the workdir has a checkpoint). Flags and
+config errors are reported on one line (what was wrong, what is allowed) with
+exit status 2, before any device work.
+"""
+from __future__ import annotations
+
+import os
 import sys
 
+from absl import app, flags
+from ml_collections import config_flags
 
-def main(argv=None) -> int:
-  print("diffusax.main: the training, sampling and evaluation programs are not built yet; "
-        "only the pure diffusion core (diffusax.core) is available. Nothing was run.",
-        file=sys.stderr)
-  return 2
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config(); "
+                                "override keys with --config.KEY=VALUE.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and metrics.")
+flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+
+# XLA:CPU flag that sends convolutions and dots to Eigen instead of the default YNN fusions:
+# measured ~2x faster U-Net train steps on a 2-core AVX2 machine (see benchmarks/README.md).
+_CPU_EIGEN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"
+
+
+def _error(msg: str, code: int = 2):
+  print(f"diffusax: error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _error(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    msg = " ".join(str(e).split())
+    _error(f"bad --config override: {msg}")
+
+
+def _apply_runtime(config) -> None:
+  """Process-level settings that must precede the first JAX import."""
+  if config.runtime.xla_cpu_eigen_convs and "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _CPU_EIGEN_FLAG).strip()
+  if config.runtime.compilation_cache_dir:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser(config.runtime.compilation_cache_dir))
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    _error(f"unexpected arguments {argv[1:]}; use --config=... --workdir=...")
+  if FLAGS.config is None:
+    _error("--config is required, e.g. --config=configs/digits.py")
+  if not FLAGS.workdir:
+    _error("--workdir is required")
+  config = FLAGS.config
+  from diffusax.programs import settings as settings_lib
+  try:
+    settings_lib.check_keys(config)
+  except settings_lib.ConfigError as e:
+    _error(str(e))
+  _apply_runtime(config)
+  try:
+    s = settings_lib.parse(config)
+    if FLAGS.mode == "train":
+      from diffusax.programs import train
+      train.train_and_evaluate(s, FLAGS.workdir)
+  except settings_lib.ConfigError as e:
+    _error(str(e))
+  except Exception as e:  # Known, user-facing failures from deeper layers.
+    from diffusax.checkpoint import CheckpointMismatch
+    if isinstance(e, CheckpointMismatch):
+      _error(str(e))
+    raise
+
+
+def run() -> None:
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

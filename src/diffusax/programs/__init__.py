@@ -1,0 +1,1 @@
+"""Programs: the only layer that reads ConfigDicts."""

@@ -1,0 +1,77 @@
+"""The config schema: every key a diffusax program reads, with its default and meaning.
+
+`configs/*.py` start from `base_config()` and change values; they may not add
+keys (the program refuses unknown keys and names the nearest valid ones).
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                         # Root of every random draw: fold_in(seed, step, ...).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "sklearn_digits"     # TFDS name, or embedded: sklearn_digits, toy_gmm2d.
+  c.data.data_dir = "~/tensorflow_datasets"  # Where TFDS datasets live / the embedded one is built.
+  c.data.split = "train"             # Training split.
+  c.data.eval_split = "test"         # Held-out split for the eval loss ("" to skip).
+  c.data.random_flip = False         # Random horizontal flips (images only).
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "vp_cosine"  # core.schedules.SCHEDULES name.
+  c.diffusion.schedule_kwargs = ml_collections.ConfigDict()  # Its settings, e.g. {"s": 0.008}.
+  c.diffusion.target = "eps"         # Network output: eps, x0, v, score or flow.
+  c.diffusion.weighting = "uniform"  # core.losses.WEIGHTINGS name.
+  c.diffusion.min_snr_gamma = 5.0    # gamma of the min_snr weighting.
+  c.diffusion.sigmoid_bias = -1.0    # bias of the sigmoid weighting.
+  c.diffusion.time_sampler = "uniform"  # core.losses.TIME_SAMPLERS name.
+  c.diffusion.t_min = 1e-4           # Smallest continuous training time.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "unet"              # diffusax.nn.NETWORKS name: unet, dit, mlp.
+  c.model.kwargs = ml_collections.ConfigDict()  # Network constructor settings (see diffusax.nn).
+  c.model.dtype = "float32"          # Compute dtype: float32 or bfloat16 (params stay float32).
+  c.model.class_conditional = True   # Condition on labels (adds a null class for CFG).
+
+  c.guidance = ml_collections.ConfigDict()
+  c.guidance.label_dropout = 0.1     # P(label -> null class) in training, for classifier-free guidance.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-4                  # Peak learning rate (AdamW).
+  c.optim.warmup_steps = 0           # Linear warmup steps.
+  c.optim.decay = "constant"         # After warmup: constant or cosine (to end_lr_factor * lr).
+  c.optim.end_lr_factor = 0.0        # Final lr / peak lr for cosine.
+  c.optim.b1 = 0.9                   # Adam beta1.
+  c.optim.b2 = 0.999                 # Adam beta2.
+  c.optim.eps = 1e-8                 # Adam epsilon.
+  c.optim.weight_decay = 0.0         # Decoupled weight decay.
+  c.optim.grad_clip = 1.0            # Global-norm gradient clip (0 disables).
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decays = (0.9999,)           # One EMA of the params per decay; the first is used for samples.
+  c.ema.warmup = True                # Effective decay min(decay, (1+step)/(10+step)).
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128           # Global batch, split over all data-parallel devices.
+  c.train.num_steps = 10000          # Total optimizer steps.
+  c.train.log_every = 100            # Steps between logged metrics (the only host syncs).
+  c.train.eval_every = 2000          # Steps between eval loss + sample grid (0: only at the end).
+  c.train.ckpt_every = 1000          # Steps between checkpoints (and always at the end).
+  c.train.keep_checkpoints = 3       # Checkpoints kept.
+  c.train.async_checkpoints = True   # Write checkpoints in the background.
+  c.train.eval_batches = 4           # Held-out batches in the eval loss.
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.method = "dpm_solver_pp_2m"  # core.samplers.METHODS name.
+  c.sample.num_steps = 50            # Sampler steps.
+  c.sample.guidance_scale = 1.0      # CFG scale w (0: conditional only; guided = cond + w (cond - uncond)).
+  c.sample.per_class = 10            # Grid columns per class row (conditional); grid side otherwise.
+  c.sample.eta = 0.0                 # DDIM eta.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1)             # (data, fsdp) device mesh; one -1 takes the remaining devices.
+
+  c.runtime = ml_collections.ConfigDict()
+  c.runtime.xla_cpu_eigen_convs = True  # XLA:CPU only: convs/dots via Eigen, ~2x faster conv training on CPU.
+  c.runtime.compilation_cache_dir = ""  # Persistent XLA compilation cache directory ("" = off).
+  return c

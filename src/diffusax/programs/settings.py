@@ -1,0 +1,183 @@
+"""ConfigDict -> typed, validated settings. The only place a ConfigDict is read.
+
+Everything is checked here, before any device work: unknown keys (with the
+nearest valid ones), unknown names (schedule, target, weighting, sampler,
+network), impossible values, and image sizes the network cannot take.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+import ml_collections
+
+from diffusax.core import schedules
+from diffusax.core import targets as targets_lib
+from diffusax.programs.defaults import base_config
+from diffusax.training.optimizer import OptimConfig
+from diffusax.training.step import LossConfig
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message says what was given and what is allowed."""
+
+
+def _flat_keys(c, prefix="") -> dict[str, Any]:
+  out = {}
+  for k, v in c.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict) and not name.endswith("kwargs"):
+      out.update(_flat_keys(v, name + "."))
+    else:
+      out[name] = v
+  return out
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Refuses keys the schema does not declare, naming the nearest valid ones."""
+  valid = _flat_keys(base_config())
+  for k in _flat_keys(config):
+    if k not in valid:
+      near = difflib.get_close_matches(k, list(valid), n=3, cutoff=0.5)
+      raise ConfigError(f"unknown config key {k!r}" + (f"; did you mean {near}?" if near else "")
+                        + " (the schema is diffusax/programs/defaults.py)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  name: str
+  data_dir: str
+  split: str
+  eval_split: str
+  random_flip: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  batch_size: int
+  num_steps: int
+  log_every: int
+  eval_every: int
+  ckpt_every: int
+  keep_checkpoints: int
+  async_checkpoints: bool
+  eval_batches: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  method: str
+  num_steps: int
+  guidance_scale: float
+  per_class: int
+  eta: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  seed: int
+  data: DataSettings
+  schedule_name: str
+  schedule_kwargs: dict
+  loss: LossConfig
+  model_name: str
+  model_kwargs: dict
+  model_dtype: str
+  class_conditional: bool
+  optim: OptimConfig
+  ema_decays: tuple
+  ema_warmup: bool
+  train: TrainSettings
+  sample: SampleSettings
+  mesh_shape: tuple
+
+  @property
+  def schedule(self) -> schedules.Schedule:
+    return schedules.get(self.schedule_name, **self.schedule_kwargs)
+
+  def model_settings(self) -> dict:
+    """What identifies the network in a checkpoint."""
+    return {"name": self.model_name, "kwargs": _jsonable(self.model_kwargs), "target": self.loss.target,
+            "schedule": self.schedule_name, "class_conditional": self.class_conditional}
+
+
+def _jsonable(v):
+  if isinstance(v, dict):
+    return {k: _jsonable(x) for k, x in sorted(v.items())}
+  if isinstance(v, (tuple, list)):
+    return [_jsonable(x) for x in v]
+  return v
+
+
+def _positive(name, v, allow_zero=False):
+  if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (v == 0 and not allow_zero):
+    raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
+  return v
+
+
+def parse(config: ml_collections.ConfigDict) -> Settings:
+  """Validates `config` and returns typed Settings. Raises ConfigError."""
+  check_keys(config)
+  c = config
+  try:
+    sched_kwargs = dict(c.diffusion.schedule_kwargs)
+    schedules.get(c.diffusion.schedule, **sched_kwargs)
+    targets_lib.check_target(c.diffusion.target)
+    wparams = ()
+    if c.diffusion.weighting == "min_snr":
+      wparams = (("gamma", float(c.diffusion.min_snr_gamma)),)
+    elif c.diffusion.weighting == "sigmoid":
+      wparams = (("bias", float(c.diffusion.sigmoid_bias)),)
+    optim = OptimConfig(lr=float(c.optim.lr), warmup_steps=int(c.optim.warmup_steps), decay=c.optim.decay,
+                        total_steps=int(c.train.num_steps), end_lr_factor=float(c.optim.end_lr_factor),
+                        b1=float(c.optim.b1), b2=float(c.optim.b2), eps=float(c.optim.eps),
+                        weight_decay=float(c.optim.weight_decay), grad_clip=float(c.optim.grad_clip))
+    loss = LossConfig(target=c.diffusion.target, weighting=c.diffusion.weighting, weighting_params=wparams,
+                      time_sampler=c.diffusion.time_sampler, t_min=float(c.diffusion.t_min),
+                      label_dropout=float(c.guidance.label_dropout), null_class=None)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if c.model.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
+  from diffusax.core import samplers  # Deferred: samplers are optional for parsing tests.
+  if c.sample.method not in samplers.METHODS:
+    raise ConfigError(f"unknown sample.method {c.sample.method!r}; allowed: {sorted(samplers.METHODS)}")
+  decays = tuple(float(d) for d in c.ema.decays)
+  if not decays or any(not 0.0 <= d < 1.0 for d in decays):
+    raise ConfigError(f"ema.decays must be a non-empty list of values in [0, 1), got {c.ema.decays!r}")
+  train = TrainSettings(
+      batch_size=_positive("train.batch_size", c.train.batch_size),
+      num_steps=_positive("train.num_steps", c.train.num_steps),
+      log_every=_positive("train.log_every", c.train.log_every),
+      eval_every=_positive("train.eval_every", c.train.eval_every, allow_zero=True),
+      ckpt_every=_positive("train.ckpt_every", c.train.ckpt_every),
+      keep_checkpoints=_positive("train.keep_checkpoints", c.train.keep_checkpoints),
+      async_checkpoints=bool(c.train.async_checkpoints),
+      eval_batches=_positive("train.eval_batches", c.train.eval_batches, allow_zero=True))
+  sample = SampleSettings(method=c.sample.method, num_steps=_positive("sample.num_steps", c.sample.num_steps),
+                          guidance_scale=float(c.sample.guidance_scale),
+                          per_class=_positive("sample.per_class", c.sample.per_class), eta=float(c.sample.eta))
+  return Settings(
+      seed=int(c.seed),
+      data=DataSettings(name=c.data.name, data_dir=c.data.data_dir, split=c.data.split,
+                        eval_split=c.data.eval_split, random_flip=bool(c.data.random_flip)),
+      schedule_name=c.diffusion.schedule, schedule_kwargs=sched_kwargs, loss=loss,
+      model_name=c.model.name, model_kwargs=dict(c.model.kwargs), model_dtype=c.model.dtype,
+      class_conditional=bool(c.model.class_conditional), optim=optim, ema_decays=decays,
+      ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape))
+
+
+def with_null_class(s: Settings, num_classes: int | None) -> Settings:
+  """Fills the loss' null class from the dataset's class count (None when unconditional)."""
+  if s.class_conditional and not num_classes:
+    raise ConfigError(f"model.class_conditional=True but dataset {s.data.name!r} has no labels; "
+                      "set --config.model.class_conditional=False")
+  null = num_classes if s.class_conditional else None
+  return dataclasses.replace(s, loss=dataclasses.replace(s.loss, null_class=null))
+
+
+def time_sampler_check(s: Settings) -> None:
+  if s.loss.time_sampler == "uniform_discrete" and not hasattr(s.schedule, "num_steps"):
+    raise ConfigError("diffusion.time_sampler='uniform_discrete' needs a discrete schedule "
+                      f"(ddpm_linear or ddpm_cosine), got {s.schedule_name!r}")

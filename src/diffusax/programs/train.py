@@ -1,0 +1,272 @@
+"""The training program: `train_and_evaluate(settings, workdir)`.
+
+Set-up order: validate settings and data, build the mesh, evaluate the network
+init abstractly (shapes only) to get parameter shardings, then either restore
+the latest checkpoint in the workdir onto those shardings or initialise under
+`jit` with them as out_shardings. The train step is jitted once with the state
+donated. The loop syncs with the host only at log, eval and checkpoint steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusax import checkpoint as ckpt_lib
+from diffusax.data import pipeline
+from diffusax.parallel import mesh as mesh_lib
+from diffusax.programs import settings as settings_lib
+from diffusax.programs.logs import Logger
+from diffusax.programs.settings import ConfigError, Settings
+from diffusax.sampling import generate
+from diffusax.training import optimizer as optim_lib
+from diffusax.training import state as state_lib
+from diffusax.training import step as step_lib
+
+# Number of times each jitted program function was traced in this process (tests read it).
+TRACE_COUNTS: dict[str, int] = {}
+
+
+def _count(name, fn):
+  def wrapped(*a, **k):
+    TRACE_COUNTS[name] = TRACE_COUNTS.get(name, 0) + 1
+    return fn(*a, **k)
+  return wrapped
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from the settings before the first device computation."""
+  s: Settings
+  mesh: Any
+  module: Any
+  schedule: Any
+  source: Any
+  num_classes: int | None
+  sample_shape: tuple
+  tx: Any
+  lr_fn: Any
+  abstract_state: Any
+  state_shardings: Any
+  signature: dict
+
+
+def build_module(s: Settings, num_classes: int | None):
+  from diffusax import nn
+  kwargs = dict(s.model_kwargs)
+  kwargs["num_classes"] = num_classes if s.class_conditional else None
+  kwargs["dtype"] = jnp.bfloat16 if s.model_dtype == "bfloat16" else jnp.float32
+  try:
+    return nn.build(s.model_name, **kwargs)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"model: {e}") from None
+
+
+def state_shardings(abstract_state, param_sh, mesh):
+  """Shardings for a TrainState: params/EMA/optimizer moments follow the params, the rest replicated."""
+  ptd = jax.tree.structure(param_sh)
+  rep = mesh_lib.replicated(mesh)
+  is_params = lambda x: jax.tree.structure(x) == ptd
+  opt = jax.tree.map(lambda x: param_sh if is_params(x) else rep, abstract_state.opt_state, is_leaf=is_params)
+  return state_lib.TrainState(step=rep, params=param_sh, ema_params=tuple(param_sh for _ in abstract_state.ema_params),
+                              opt_state=opt, rng=rep)
+
+
+def setup(s: Settings) -> Setup:
+  """Validates everything and computes shapes and shardings; no device computation."""
+  try:
+    source = pipeline.open_source(s.data.name, s.data.split, s.data.data_dir)
+    num_classes = pipeline.num_classes(s.data.name, s.data.data_dir)
+  except (pipeline.DataError, ValueError) as e:
+    raise ConfigError(f"data: {e}") from None
+  s = settings_lib.with_null_class(s, num_classes)
+  settings_lib.time_sampler_check(s)
+  try:
+    mesh = mesh_lib.make_mesh(s.mesh_shape)
+    mesh_lib.check_batch(s.train.batch_size, mesh, jax.process_count())
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+  if s.train.batch_size > len(source):
+    raise ConfigError(f"train.batch_size {s.train.batch_size} exceeds the {len(source)} training examples")
+  example = pipeline.image_transform()(source.__getitems__(np.arange(1)), None) if s.data.name != "toy_gmm2d" \
+      else pipeline.vector_transform()(source.__getitems__(np.arange(1)), None)
+  sample_shape = tuple(example["x"].shape[1:])
+  module = build_module(s, num_classes)
+  schedule = s.schedule
+  b = 2
+  x = jax.ShapeDtypeStruct((b,) + sample_shape, jnp.float32)
+  t = jax.ShapeDtypeStruct((b,), jnp.float32)
+  y = jax.ShapeDtypeStruct((b,), jnp.int32) if s.class_conditional else None
+  try:
+    boxed = jax.eval_shape(lambda k: module.init({"params": k, "dropout": k}, x, t, y, train=False),
+                           jax.random.key(0))["params"]
+  except ValueError as e:  # The network refuses the shape (e.g. size not divisible by its downsamplings).
+    raise ConfigError(f"model {s.model_name!r} cannot take data of shape {sample_shape}: {e}") from None
+  param_sh = mesh_lib.param_shardings(boxed, mesh)
+  tx, lr_fn = optim_lib.make(s.optim)
+  abstract_params = mesh_lib.unbox(boxed)
+  abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, s.seed, len(s.ema_decays)), abstract_params)
+  shardings = state_shardings(abstract_state, param_sh, mesh)
+  signature = ckpt_lib.model_signature(abstract_params, s.model_settings())
+  return Setup(s=s, mesh=mesh, module=module, schedule=schedule, source=source, num_classes=num_classes,
+               sample_shape=sample_shape, tx=tx, lr_fn=lr_fn, abstract_state=abstract_state,
+               state_shardings=shardings, signature=signature)
+
+
+def init_state(u: Setup):
+  s, module = u.s, u.module
+  b = 2
+  x = jnp.zeros((b,) + u.sample_shape, jnp.float32)
+  t = jnp.full((b,), 0.5, jnp.float32)
+  y = jnp.zeros((b,), jnp.int32) if s.class_conditional else None
+
+  def init(seed_key):
+    k = jax.random.fold_in(seed_key, 0x1A17)
+    params = mesh_lib.unbox(module.init({"params": k, "dropout": k}, x, t, y, train=False)["params"])
+    return state_lib.create(params, u.tx, s.seed, len(s.ema_decays))
+
+  return jax.jit(init, out_shardings=u.state_shardings)(jax.random.key(s.seed))
+
+
+def make_iterator(u: Setup, split: str | None = None, seed_offset: int = 0, source=None):
+  s = u.s
+  transform = pipeline.vector_transform() if s.data.name == "toy_gmm2d" else \
+      pipeline.image_transform(random_flip=s.data.random_flip)
+  return pipeline.BatchIterator(source if source is not None else u.source, s.train.batch_size,
+                                seed=s.seed + seed_offset, process_index=jax.process_index(),
+                                process_count=jax.process_count(), transform=transform)
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """This process' rows -> global arrays sharded over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, v.ndim), v)
+          for k, v in batch.items()}
+
+
+def write_samples(u: Setup, params, step: int, workdir: str, logger: Logger, gen=None) -> str:
+  """Generates the sample grid with EMA params and writes it as PNG."""
+  s = u.s
+  if gen is None:
+    gen = make_generator(u)
+  if u.num_classes and s.class_conditional:
+    labels = np.repeat(np.arange(u.num_classes), s.sample.per_class).astype(np.int32)
+    rows = u.num_classes
+  else:
+    labels = None
+    rows = s.sample.per_class
+  n = len(labels) if labels is not None else (s.sample.per_class ** 2 if len(u.sample_shape) == 3 else 4096)
+  key = jax.random.fold_in(jax.random.key(s.seed), 0x5A4D)
+  x = np.asarray(gen(params, np.arange(n), labels, jnp.float32(s.sample.guidance_scale), key))
+  if len(u.sample_shape) == 3:
+    img = generate.image_grid(generate.to_uint8(x), rows, upscale=max(1, 64 // u.sample_shape[0]))
+  else:
+    img = generate.scatter_image(x)
+  path = os.path.join(workdir, "samples.png")
+  if jax.process_index() == 0:
+    generate.save_png(path, img)
+    generate.save_png(os.path.join(workdir, f"samples_{step:07d}.png"), img)
+    logger.image("samples", img, step)
+  return path
+
+
+def make_generator(u: Setup):
+  s = u.s
+  spec = generate.SamplerSpec(s.sample.method, s.sample.num_steps, s.sample.eta)
+  return generate.make_generate(u.module, u.schedule, s.loss.target, spec,
+                                null_class=s.loss.null_class, sample_shape=u.sample_shape)
+
+
+def evaluate_loss(u: Setup, eval_fn, params, eval_source) -> float:
+  if eval_source is None or u.s.train.eval_batches == 0:
+    return float("nan")
+  it = make_iterator(u, source=eval_source, seed_offset=1)
+  vals = []
+  for i in range(min(u.s.train.eval_batches, it.batches_per_epoch)):
+    batch = to_global(next(it), u.mesh)
+    vals.append(eval_fn(params, batch, jax.random.fold_in(jax.random.key(u.s.seed + 1), i)))
+  return float(np.mean([float(v) for v in vals]))
+
+
+def train_and_evaluate(s: Settings, workdir: str) -> dict:
+  """Trains (resuming from the workdir when it has a checkpoint), then samples and evaluates."""
+  u = setup(s)
+  s = u.s
+  os.makedirs(workdir, exist_ok=True)
+  logger = Logger(workdir, enabled=jax.process_index() == 0)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
+                               async_save=s.train.async_checkpoints)
+  it = make_iterator(u)
+  abstract = ckpt_lib.abstract_like(u.abstract_state, u.state_shardings)
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(abstract, u.signature)
+    it.restore(meta["data"])
+    logger.info(f"resumed from step {int(state.step)} in {ckpt.directory}")
+  else:
+    state = init_state(u)
+
+  train_step = step_lib.make_train_step(u.module.apply, u.tx, u.lr_fn, u.schedule, s.loss, s.ema_decays,
+                                        s.ema_warmup)
+  batch_sh = {"x": mesh_lib.batch_sharding(u.mesh, 1 + len(u.sample_shape)),
+              "label": mesh_lib.batch_sharding(u.mesh, 1)}
+  rep = mesh_lib.replicated(u.mesh)
+  step_fn = jax.jit(_count("train_step", train_step), in_shardings=(u.state_shardings, batch_sh),
+                    out_shardings=(u.state_shardings, rep), donate_argnums=0)
+  eval_fn = jax.jit(_count("eval_loss", step_lib.make_eval_loss(u.module.apply, u.schedule, s.loss)))
+  eval_source = None
+  if s.data.eval_split:
+    try:
+      eval_source = pipeline.open_source(s.data.name, s.data.eval_split, s.data.data_dir)
+    except (pipeline.DataError, ValueError) as e:
+      raise ConfigError(f"data.eval_split: {e}") from None
+  gen = make_generator(u)
+
+  def save(st):
+    meta = {"data": it.state(), "signature": u.signature, "step": int(st.step)}
+    ckpt.save(int(st.step), st, meta)
+
+  start = int(state.step)
+  total = s.train.num_steps
+  t0, step0 = time.perf_counter(), start
+  pending = None
+  history = []
+  for step in range(start, total):
+    batch = to_global({k: v for k, v in next(it).items() if k in batch_sh}, u.mesh)
+    state, metrics = step_fn(state, batch)
+    done = step + 1
+    if done % s.train.log_every == 0 or done == total:
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.perf_counter()
+      rate = (done - step0) / max(now - t0, 1e-9)
+      m.update(steps_per_s=rate, images_per_s=rate * s.train.batch_size)
+      history.append({"step": done, **m})
+      logger.progress(done, total, m, eta_s=(total - done) / max(rate, 1e-9))
+      t0, step0 = now, done
+    if done % s.train.ckpt_every == 0 and done != total:
+      save(state)
+    if s.train.eval_every and done % s.train.eval_every == 0 and done != total:
+      ev = evaluate_loss(u, eval_fn, state.ema_params[0], eval_source)
+      logger.scalars({"eval_loss_ema": ev}, done)
+      write_samples(u, state.ema_params[0], done, workdir, logger, gen)
+  if int(state.step) != start or ckpt.latest_step() != int(state.step):
+    save(state)
+  ckpt.wait()
+  final_step = int(state.step)
+  ev = evaluate_loss(u, eval_fn, state.ema_params[0], eval_source)
+  grid = write_samples(u, state.ema_params[0], final_step, workdir, logger, gen)
+  result = {"step": final_step, "eval_loss_ema": ev, "samples": grid,
+            "train_loss_last": history[-1]["loss"] if history else None,
+            "checkpoint": os.path.join(ckpt.directory, str(final_step))}
+  logger.scalars({"eval_loss_ema": ev}, final_step)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump({**result, "history": history}, f, indent=1)
+  logger.info(f"done: step {final_step}, eval loss (EMA) {ev:.5f}, samples in {grid}")
+  logger.close()
+  ckpt.close()
+  return result

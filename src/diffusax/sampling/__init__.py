@@ -1,0 +1,1 @@
+"""Sampling: generating from trained networks; sample grids."""
