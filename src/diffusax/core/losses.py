@@ -68,6 +68,9 @@ def check_weighting(name: str) -> str:
 def target_weight(schedule: Schedule, t, target: str, weighting: str = "uniform", **params):
   """The weight [B] applied to the target-space squared error for `weighting`."""
   check_weighting(weighting)
+  unknown = sorted(set(params) - {"gamma", "bias"})
+  if unknown:  # the weighting functions take **_; a misspelt setting would otherwise be ignored
+    raise ValueError(f"unknown loss weighting parameter(s) {unknown}; allowed: ['bias' (sigmoid), 'gamma' (min_snr)]")
   targets_lib.check_target(target)
   t = jnp.asarray(t, F32)
   if weighting == "uniform":
@@ -79,6 +82,7 @@ def target_weight(schedule: Schedule, t, target: str, weighting: str = "uniform"
 
 def target_value(schedule: Schedule, target: str, x0, eps, t):
   """The true value of `target` for (x0, eps) at time t [B]; float32 [B, ...]."""
+  targets_lib.check_target(target)
   x0, eps = jnp.asarray(x0), jnp.asarray(eps)
   check_same_shape(x0, eps, "x0", "eps")
   tb = batch_time(t, x0, "t", "x0")
@@ -97,6 +101,7 @@ def diffusion_loss(schedule: Schedule, pred, target: str, x0, eps, t, *,
     weighting: a name in WEIGHTINGS; extra parameters (gamma, bias) by keyword.
   """
   check_weighting(weighting)
+  targets_lib.check_target(target)
   pred = jnp.asarray(pred)
   x0 = jnp.asarray(x0)
   check_same_shape(pred, x0, "pred", "x0")
