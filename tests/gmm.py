@@ -154,6 +154,21 @@ class GMM:
     return self.posterior_mean(xs, 1.0, s_min, label)
 
 
+  def flow_reference(self, x_T, t_max=1.0, t_min=1e-6, steps=2000, label=None):
+    """Float64 RK4 solution of the rectified-flow ODE dx/dt = (x - D(x, t)) / t for the `Flow`
+    schedule (alpha = 1 - t, sigma = t) from t_max to t_min, then D(., t_min)."""
+    x = np.asarray(x_T, np.float64)
+    f = lambda x, t: (x - self.posterior_mean(x, 1.0 - t, t, label)) / t
+    grid = np.linspace(t_max, t_min, steps + 1)
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+      h = t1 - t0
+      k1 = f(x, t0)
+      k2 = f(x + 0.5 * h * k1, t0 + 0.5 * h)
+      k3 = f(x + 0.5 * h * k2, t0 + 0.5 * h)
+      k4 = f(x + h * k3, t1)
+      x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return self.posterior_mean(x, 1.0 - t_min, t_min, label)
+
 def standard_mixture():
   """A 2-D, 3-component, 2-class mixture used across the sampler tests."""
   means = [[-2.0, 0.0], [2.0, 1.0], [0.5, -2.5]]

@@ -69,7 +69,7 @@ def make(schedule: Schedule, spacing: str, t_min=None, t_max=None, rho: float = 
       i = jnp.asarray(i, jnp.int32)
       n = jnp.asarray(n, jnp.int32)
       if spacing == "linspace":
-        k = jnp.round((big_t - 1) * (1.0 - frac(i, n)))
+        k = jnp.round(((big_t - 1) * (n - 1 - i)).astype(F32) / jnp.maximum(n - 1, 1).astype(F32))
       elif spacing == "leading":
         k = ((n - 1 - i) * (big_t // n)).astype(F32)
       else:
