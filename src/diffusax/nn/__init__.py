@@ -22,7 +22,7 @@ import dataclasses
 from diffusax.nn import bridge
 from diffusax.nn.classifier import NoisyClassifier
 from diffusax.nn.dit import DIT_CONFIGS, DiT
-from diffusax.nn.layers import LOGICAL_AXES, logical_spec, unbox
+from diffusax.nn.layers import LOGICAL_AXES, count_params, logical_spec, unbox
 from diffusax.nn.mlp import MLPDenoiser
 from diffusax.nn.unet import UNet
 
@@ -59,4 +59,4 @@ def build(name: str, **kwargs):
 
 
 __all__ = ["NETWORKS", "build", "fields", "UNet", "DiT", "DIT_CONFIGS", "MLPDenoiser", "NoisyClassifier",
-           "bridge", "LOGICAL_AXES", "LOGICAL_AXES_DOC", "unbox", "logical_spec"]
+           "bridge", "LOGICAL_AXES", "LOGICAL_AXES_DOC", "unbox", "logical_spec", "count_params"]

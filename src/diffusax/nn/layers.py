@@ -24,9 +24,11 @@ normalisation statistics and attention softmax always run in float32.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
@@ -49,6 +51,11 @@ def unbox(variables):
 def logical_spec(variables):
   """Tree of `PartitionSpec`s of logical names (None for unboxed leaves) (= `nn.get_partition_spec`)."""
   return nn.get_partition_spec(variables)
+
+
+def count_params(variables) -> int:
+  """Total number of parameter entries (boxed, plain or `jax.ShapeDtypeStruct` leaves)."""
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(unbox(variables))))
 
 
 def boxed(init, names: Sequence[str | None]):
