@@ -14,7 +14,7 @@ def get_config():
   c.diffusion.schedule = "vp_cosine"
   c.diffusion.target = "eps"
   c.model.name = "mlp"
-  c.model.kwargs.hidden = 128
+  c.model.kwargs.hidden = 256
   c.model.kwargs.depth = 3
   c.model.class_conditional = False
   c.guidance.label_dropout = 0.0
@@ -23,7 +23,7 @@ def get_config():
   c.optim.decay = "cosine"
   c.ema.decays = (0.99,)
   c.train.batch_size = 256
-  c.train.num_steps = 2000
+  c.train.num_steps = 3000
   c.train.log_every = 200
   c.train.eval_every = 0
   c.train.ckpt_every = 500

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -49,6 +49,8 @@ def _apply_runtime(config) -> None:
 
 
 def main(argv) -> None:
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO.
   if len(argv) > 1:
     _error(f"unexpected arguments {argv[1:]}; use --config=... --workdir=...")
   if FLAGS.config is None:

@@ -104,8 +104,8 @@ def setup(s: Settings) -> Setup:
   t = jax.ShapeDtypeStruct((b,), jnp.float32)
   y = jax.ShapeDtypeStruct((b,), jnp.int32) if s.class_conditional else None
   try:
-    boxed = jax.eval_shape(lambda k: module.init({"params": k, "dropout": k}, x, t, y, train=False),
-                           jax.random.key(0))["params"]
+    boxed = jax.eval_shape(lambda k, x, t, y: module.init({"params": k, "dropout": k}, x, t, y, train=False),
+                           jax.random.key(0), x, t, y)["params"]
   except ValueError as e:  # The network refuses the shape (e.g. size not divisible by its downsamplings).
     raise ConfigError(f"model {s.model_name!r} cannot take data of shape {sample_shape}: {e}") from None
   param_sh = mesh_lib.param_shardings(boxed, mesh)

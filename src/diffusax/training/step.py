@@ -75,7 +75,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state_lib.update_ema(state.ema_params, params, ema_decays, state.step, ema_warmup)
-    metrics = {"loss": value, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step)}
+    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}
     new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     return new, metrics
 

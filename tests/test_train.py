@@ -1,0 +1,212 @@
+"""The training program: config errors, end-to-end runs of main, resume, compile counts."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from diffusax.programs import settings as settings_lib
+from diffusax.programs import train
+from diffusax.programs.settings import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import digits as digits_config  # noqa: E402
+import toy2d as toy2d_config  # noqa: E402
+
+
+def _toy(data_dir, **over):
+  c = toy2d_config.get_config()
+  c.data.data_dir = data_dir
+  c.model.kwargs.hidden = 32
+  c.model.kwargs.depth = 2
+  c.train.batch_size = 64
+  c.train.num_steps = 30
+  c.train.log_every = 10
+  c.train.ckpt_every = 10
+  c.train.eval_batches = 1
+  c.sample.num_steps = 4
+  c.sample.per_class = 4
+  for k, v in over.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+# ---------------------------------------------------------------------------
+# Bad input: refused before any device work, with what was wrong and what is allowed.
+
+@pytest.mark.parametrize("key,value,match", [
+    ("diffusion.schedule", "vp_linaer", r"unknown schedule 'vp_linaer'; allowed: \['ddpm_cosine'"),
+    ("diffusion.target", "noise", r"unknown target 'noise'; allowed: \['eps', 'x0', 'v', 'score', 'flow'\]"),
+    ("diffusion.weighting", "snr2", r"unknown loss weighting 'snr2'; allowed"),
+    ("sample.method", "ddmp", r"unknown sample.method 'ddmp'; allowed"),
+    ("ema.decays", (1.5,), r"ema.decays must be .* in \[0, 1\)"),
+    ("model.dtype", "float16", r"model.dtype must be 'float32' or 'bfloat16'"),
+    ("train.batch_size", 0, r"train.batch_size must be a positive integer, got 0"),
+])
+def test_bad_settings_are_refused(data_dir, key, value, match):
+  with pytest.raises(ConfigError, match=match):
+    settings_lib.parse(_toy(data_dir, **{key: value}))
+
+
+def test_unknown_config_key_names_nearest():
+  c = toy2d_config.get_config()
+  with c.unlocked():
+    c.train.batchsize = 3
+  with pytest.raises(ConfigError, match=r"unknown config key 'train.batchsize'; did you mean \['train.batch_size'"):
+    settings_lib.parse(c)
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"data.name": "no_such_dataset_xyz"}, r"data: unknown dataset 'no_such_dataset_xyz'"),
+    ({"data.name": "mnist"}, r"data: dataset 'mnist' is not prepared"),
+    ({"train.batch_size": 60}, r"batch size 60 does not divide over the 8 data-parallel devices"),
+    ({"mesh.shape": (3, 2)}, r"mesh shape \(3, 2\) needs 6 devices but 8 are available"),
+    ({"model.kwargs.widht": 3}, r"unknown mlp option\(s\) \['widht'\]"),
+])
+def test_setup_refuses_before_device_work(data_dir, tmp_path, over, match):
+  before = dict(train.TRACE_COUNTS)
+  with pytest.raises(ConfigError, match=match):
+    train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **over)), str(tmp_path / "w"))
+  assert train.TRACE_COUNTS == before
+  assert not (tmp_path / "w").exists(), "nothing may be written for a refused config"
+
+
+def test_image_size_the_unet_cannot_take(data_dir, tmp_path):
+  c = digits_config.get_config()
+  c.data.data_dir = data_dir
+  c.model.kwargs.channel_mult = (1, 2, 2, 2, 2)  # 8x8 cannot be halved 4 times.
+  with pytest.raises(ConfigError, match=r"cannot take data of shape \(8, 8, 1\)"):
+    train.train_and_evaluate(settings_lib.parse(c), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------------
+# In-process runs.
+
+def test_train_compiles_once_and_resumes_in_process(data_dir, tmp_path):
+  wd = str(tmp_path / "run")
+  train.TRACE_COUNTS.clear()
+  out = train.train_and_evaluate(settings_lib.parse(_toy(data_dir)), wd)
+  assert out["step"] == 30 and np.isfinite(out["eval_loss_ema"])
+  assert train.TRACE_COUNTS["train_step"] == 1, train.TRACE_COUNTS
+  hist = json.load(open(os.path.join(wd, "metrics.json")))["history"]
+  assert [h["step"] for h in hist] == [10, 20, 30]
+  assert all(np.isfinite(h["loss"]) and h["lr"] > 0 for h in hist)
+  assert os.path.exists(os.path.join(wd, "samples.png"))
+  # Continue to 40 steps: resumes from 30, one new compile of the step in this new program instance.
+  out = train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **{"train.num_steps": 40})), wd)
+  assert out["step"] == 40 and train.TRACE_COUNTS["train_step"] == 2
+
+
+def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):
+  from diffusax.checkpoint import CheckpointMismatch
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **{"train.num_steps": 10})), wd)
+  before = dict(train.TRACE_COUNTS)
+  with pytest.raises(CheckpointMismatch, match=r"different model(?s:.*)hidden"):
+    train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **{"model.kwargs.hidden": 48})), wd)
+  assert train.TRACE_COUNTS.get("train_step") == before.get("train_step")
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["10"], "the old checkpoint must stay intact"
+
+
+def test_digits_default_pipeline_small(data_dir, tmp_path):
+  """The embedded default (U-Net, class-conditional, CFG grid) on a tiny network for 4 steps."""
+  c = digits_config.get_config()
+  c.data.data_dir = data_dir
+  c.model.kwargs.base_channels = 8
+  c.model.kwargs.channel_mult = (1, 2)
+  c.model.kwargs.attn_resolutions = (4,)
+  c.model.kwargs.num_groups = 4
+  c.train.batch_size = 16
+  c.train.num_steps = 4
+  c.train.log_every = 2
+  c.train.eval_batches = 1
+  c.sample.num_steps = 3
+  c.sample.per_class = 2
+  c.sample.guidance_scale = 2.0
+  wd = str(tmp_path / "digits")
+  out = train.train_and_evaluate(settings_lib.parse(c), wd)
+  from PIL import Image
+  img = np.asarray(Image.open(out["samples"]))
+  # 10 class rows x 2 columns of 8x8 images with 1 px gaps, upscaled 8x.
+  assert img.shape == ((10 * 9 - 1) * 8, (2 * 9 - 1) * 8)
+  assert np.isfinite(out["eval_loss_ema"])
+
+
+# ---------------------------------------------------------------------------
+# The command line, in subprocesses.
+
+def _main(args, **kw):
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  return subprocess.run([sys.executable, "-m", "diffusax.main", *args], capture_output=True, text=True,
+                        env=env, cwd=ROOT, timeout=600, **kw)
+
+
+def test_misspelt_override_is_one_clean_line(tmp_path):
+  r = _main(["--config=configs/toy2d.py", f"--workdir={tmp_path}", "--config.train.batchsize=3"])
+  assert r.returncode == 2
+  err = [l for l in r.stderr.splitlines() if l.strip()]
+  assert "Traceback" not in r.stderr, r.stderr
+  assert len(err) == 1 and "batchsize" in err[0] and "batch_size" in err[0], r.stderr
+
+
+def _toy_args(data_dir, wd, steps, extra=()):
+  return ["--config=configs/toy2d.py", f"--workdir={wd}", f"--config.data.data_dir={data_dir}",
+          "--config.model.kwargs.hidden=32", "--config.model.kwargs.depth=2", "--config.train.batch_size=64",
+          f"--config.train.num_steps={steps}", "--config.train.log_every=10", "--config.train.eval_batches=1",
+          "--config.sample.num_steps=4", "--config.sample.per_class=4", *extra]
+
+
+def _restore_state(wd, step):
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(os.path.join(wd, "checkpoints", str(step), "state"))
+
+
+def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
+  steps = 300
+  extra = ["--config.train.ckpt_every=20"]
+  ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+  r = _main(_toy_args(data_dir, ref, steps, extra))
+  assert r.returncode == 0, r.stderr[-2000:]
+  # Run again, SIGKILL it at a random moment after its first checkpoint, then restart it.
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  p = subprocess.Popen([sys.executable, "-m", "diffusax.main", *_toy_args(data_dir, cut, steps, extra)],
+                       cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ck = os.path.join(cut, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.isdir(ck) and any(d.isdigit() for d in os.listdir(ck))):
+    time.sleep(0.05)
+  time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  killed_at = max(int(d) for d in os.listdir(ck) if d.isdigit())
+  assert killed_at < steps, "the run finished before it could be killed; make it longer"
+  r = _main(_toy_args(data_dir, cut, steps, extra))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "resumed from step" in r.stdout
+  a, b = _restore_state(ref, steps), _restore_state(cut, steps)
+  import jax
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  ha = {h["step"]: h for h in json.load(open(os.path.join(ref, "metrics.json")))["history"]}
+  hb = {h["step"]: h for h in json.load(open(os.path.join(cut, "metrics.json")))["history"]}
+  assert hb and set(hb) <= set(ha)
+  for s, h in hb.items():
+    assert (h["loss"], h["grad_norm"], h["lr"]) == (ha[s]["loss"], ha[s]["grad_norm"], ha[s]["lr"])
