@@ -187,10 +187,10 @@ def test_vmap_matches_batch():
   eps = rng.normal(size=(6, 2, 3)).astype(np.float32)
   t = np.linspace(0.1, 0.9, 6).astype(np.float32)
   batched = process.q_sample(sched, x0, t, eps)
-  mapped = jax.vmap(lambda a, b, c: process.q_sample(sched, a, b, c))(x0, t, eps)
+  mapped = jax.jit(jax.vmap(lambda a, b, c: process.q_sample(sched, a, b, c)))(x0, t, eps)
   np.testing.assert_allclose(mapped, batched, rtol=1e-6)
   pm, pv = process.posterior(sched, x0, batched, t, 0.5 * t)
-  vm, vv = jax.vmap(lambda a, b, c: process.posterior(sched, a, b, c, 0.5 * c))(x0, batched, t)
+  vm, vv = jax.jit(jax.vmap(lambda a, b, c: process.posterior(sched, a, b, c, 0.5 * c)))(x0, batched, t)
   np.testing.assert_allclose(vm, pm, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(vv.reshape(-1), np.broadcast_to(pv, (6, 1, 1)).reshape(-1), rtol=1e-6)
 
@@ -200,14 +200,14 @@ def test_gradients():
   sched, ref = CONTINUOUS["vp_cosine"]
   x0 = jnp.asarray([[0.5, -1.0]])
   eps = jnp.asarray([[1.5, 0.25]])
-  g = jax.grad(lambda t: process.q_sample(sched, x0, t, eps).sum())(0.4)
+  g = jax.jit(jax.grad(lambda t: process.q_sample(sched, x0, t, eps).sum()))(0.4)
   h = 1e-6
   da = (ref(0.4 + h)[0] - ref(0.4 - h)[0]) / (2 * h)
   ds = (ref(0.4 + h)[1] - ref(0.4 - h)[1]) / (2 * h)
   np.testing.assert_allclose(g, da * np.sum(x0) + ds * np.sum(eps), rtol=1e-4)
-  gx = jax.grad(lambda x: process.q_sample(sched, x, 0.4, eps).sum())(x0)
+  gx = jax.jit(jax.grad(lambda x: process.q_sample(sched, x, 0.4, eps).sum()))(x0)
   np.testing.assert_allclose(gx, np.full((1, 2), ref(np.float64(np.float32(0.4)))[0]), rtol=1e-5)
-  gm = jax.grad(lambda x: process.posterior(sched, x, eps, 0.4, 0.2)[0].sum())(x0)
+  gm = jax.jit(jax.grad(lambda x: process.posterior(sched, x, eps, 0.4, 0.2)[0].sum()))(x0)
   assert np.all(np.isfinite(gm))
 
 

@@ -159,6 +159,20 @@ def test_derivatives_against_finite_differences(name):
   np.testing.assert_allclose(sched.d_log_snr(tt), dl_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_vp_cosine_derivative_at_endpoints():
+  """One-sided d alpha/dt at t = 0 and 1: -tan(th0) c and -c / cos(th0), c = pi / (2 (1 + s)).
+
+  Found a bug: jnp.clip halved the gradient where alpha sits exactly on 1 (t = 0),
+  and at t = 1 alpha was clipped from cos(pi/2) < 0 in float32, so d_alpha(1) was 0 and
+  every conversion from the 'flow' target divided by alpha sigma' - sigma alpha' = 0.
+  """
+  sched = schedules.VPCosine()
+  th0, c = 0.008 / 1.008 * np.pi / 2, np.pi / 2 / 1.008
+  np.testing.assert_allclose(sched.d_alpha(jnp.asarray([0.0, 1.0])), [-np.tan(th0) * c, -c / np.cos(th0)], rtol=1e-5)
+  h = 1e-6
+  np.testing.assert_allclose(sched.d_alpha(1.0), (np_vp_cosine(1.0)[0] - np_vp_cosine(1.0 - h)[0]) / h, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", sorted(CONTINUOUS))
 def test_sde_against_definition(name):
   """f = d log alpha/dt, g^2 = d sigma^2/dt - 2 f sigma^2 by float64 finite differences."""
@@ -273,7 +287,7 @@ def test_jit_vmap_bf16_grad(name, eval_schedule):
   t = jnp.asarray([0.1, 0.37, 0.5, 0.83], jnp.float32)
   a, s, l = eval_schedule(sched, t)
   # vmap over scalar times
-  va, vs, vl = jax.vmap(lambda u: eval_schedule(sched, u))(t)
+  va, vs, vl = jax.jit(jax.vmap(lambda u: eval_schedule(sched, u)))(t)
   np.testing.assert_allclose(va, a, rtol=1e-6)
   np.testing.assert_allclose(vl, l, rtol=1e-5, atol=1e-6)
   # bfloat16 times: results are float32 and equal the float32 math on the rounded times
@@ -284,9 +298,10 @@ def test_jit_vmap_bf16_grad(name, eval_schedule):
   np.testing.assert_allclose(ba, ra, rtol=1e-6)
   np.testing.assert_allclose(bl, rl, rtol=1e-6, atol=1e-6)
   # differentiable in t (and grad equals the forward-mode derivative)
-  g = jax.vmap(jax.grad(lambda u: sched.alpha(u)))(t)
-  np.testing.assert_allclose(g, sched.d_alpha(t), rtol=1e-5, atol=1e-7)
-  assert np.all(np.isfinite(jax.vmap(jax.grad(lambda u: sched.log_snr(u)))(t)))
+  g, gl, da = jax.jit(lambda u: (jax.vmap(jax.grad(sched.alpha))(u), jax.vmap(jax.grad(sched.log_snr))(u),
+                                  sched.d_alpha(u)))(t)
+  np.testing.assert_allclose(g, da, rtol=1e-5, atol=1e-7)
+  assert np.all(np.isfinite(gl))
 
 
 def test_grad_wrt_schedule_parameters():

@@ -177,7 +177,9 @@ class VPCosine(Schedule):
     t = _f32(t)
     # cos((t + s)/(1 + s) pi/2) written as sin((1 - t)/(1 + s) pi/2): accurate near t = 1.
     a = jnp.sin((1.0 - t) / (1.0 + self.s) * (jnp.pi / 2)) / self._f0()
-    return jnp.clip(a, 0.0, 1.0)
+    # clipped with `where` so that d alpha/dt keeps its one-sided value at t = 0 and t = 1
+    # (jnp.clip halves the gradient where alpha lands exactly on a bound).
+    return jnp.where(a > 1.0, 1.0, jnp.where(a < 0.0, 0.0, a))
 
   def _sigma2(self, t):
     # 1 - alpha^2 = (cos^2 th0 - cos^2 th) / cos^2 th0 = sin(th + th0) sin(th - th0) / cos^2 th0
