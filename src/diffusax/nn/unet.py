@@ -182,7 +182,7 @@ class UNet(nn.Module):
   base_channels: int = 128                 # width of the first level
   channel_mult: Sequence[int] = (1, 2, 2, 2)  # width multiplier per level
   num_res_blocks: int = 2                  # ResBlocks per level (decoder: +1)
-  attn_resolutions: Sequence[int] = (16,)  # feature-map sizes with self-attention
+  attn_resolutions: Sequence[int] = (16,)  # feature-map heights (r means r x r) with self-attention
   num_heads: int = 1                       # heads per attention block ...
   num_head_channels: int = -1              # ... or channels per head when > 0
   dropout: float = 0.0                     # dropout inside ResBlocks
