@@ -39,13 +39,13 @@ def test_cfg_is_the_same_in_every_target_space_and_interval_and_rescale():
   a, s, da, ds = targets.coefficients(SCH, t)
   outs = {}
   for tgt in ("eps", "x0", "v", "score"):
-    g = guidance.cfg(G.denoiser(SCH, tgt, conditional=True), null_cond=NULL, scale=2.5)
+    g = jax.jit(guidance.cfg(G.denoiser(SCH, tgt, conditional=True), null_cond=NULL, scale=2.5))
     outs[tgt] = targets.convert(g(x, t, labels), tgt, "x0", x, a, s, da, ds)
   for tgt in ("eps", "v", "score"):
     np.testing.assert_allclose(outs[tgt], outs["x0"], rtol=1e-4, atol=1e-4)
   # Interval: outside [0.4, 0.6] the guided model is the conditional one.
-  base = G.denoiser(SCH, "eps", conditional=True)
-  gi = guidance.cfg(base, null_cond=NULL, scale=2.5, interval=(0.4, 0.6))(x, t, labels)
+  base = jax.jit(G.denoiser(SCH, "eps", conditional=True))
+  gi = jax.jit(guidance.cfg(base, null_cond=NULL, scale=2.5, interval=(0.4, 0.6)))(x, t, labels)
   off = (t < 0.4) | (t > 0.6)
   np.testing.assert_allclose(gi[off], base(x, t, labels)[off], atol=1e-6)
   assert not np.allclose(gi[~off], base(x, t, labels)[~off])
@@ -104,10 +104,10 @@ def test_classifier_guidance_with_the_bayes_classifier_is_the_conditional():
   t = jnp.linspace(0.02, 0.98, 32)
   labels = jnp.arange(32) % 2
   cg1 = guidance.classifier_guidance(uncond, "v", SCH, G.classifier(SCH), scale=1.0)
-  np.testing.assert_allclose(cg1(x, t, labels), cond(x, t, labels), rtol=2e-3, atol=2e-3)
+  np.testing.assert_allclose(jax.jit(cg1)(x, t, labels), jax.jit(cond)(x, t, labels), rtol=2e-3, atol=2e-3)
   cg3 = guidance.classifier_guidance(uncond, "v", SCH, G.classifier(SCH), scale=3.0)
   cfg2 = guidance.cfg(cond, null_cond=NULL, scale=2.0)
-  np.testing.assert_allclose(cg3(x, t, labels), cfg2(x, t, labels), rtol=5e-3, atol=5e-3)
+  np.testing.assert_allclose(jax.jit(cg3)(x, t, labels), jax.jit(cfg2)(x, t, labels), rtol=5e-3, atol=5e-3)
 
   x_T = process.prior_sample(jax.random.key(3), SCH, (2000, 2))
   lab = jnp.ones(2000, jnp.int32)

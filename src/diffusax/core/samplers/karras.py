@@ -53,8 +53,9 @@ def _sampler(model: Model, heun: bool, *, churn=0.0, s_tmin=0.0, s_tmax=float("i
     gamma = jnp.where((sig >= s_tmin) & (sig <= s_tmax),
                       jnp.minimum(churn / state.n.astype(F32), math.sqrt(2.0) - 1.0), 0.0)
     sig_hat = sig * (1.0 + gamma)
-    z = driver.noise(driver.step_key(state.key, i), xs.shape, gamma > 0)
-    xs = xs + jnp.sqrt(jnp.maximum(sig_hat ** 2 - sig ** 2, 0.0)) * s_noise * z
+    std = jnp.sqrt(jnp.maximum(sig_hat ** 2 - sig ** 2, 0.0)) * s_noise
+    xs = jax.lax.cond(gamma > 0, lambda y: y + std * driver.noise(driver.step_key(state.key, i), y.shape),
+                      lambda y: y, xs)
     t_hat = jnp.where(gamma > 0, schedule.t_from_edm_sigma(sig_hat), lv.t)
     d0 = denoise(xs, t_hat)
     deriv = (xs - d0) / sig_hat
