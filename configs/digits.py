@@ -16,9 +16,9 @@ def get_config():
   c.diffusion.target = "v"                 # v-prediction: well-conditioned at both ends of t.
   c.diffusion.weighting = "uniform"        # Plain MSE on v.
   c.model.name = "unet"
-  c.model.kwargs.base_channels = 32        # Small ADM U-Net: 8x8 -> 4x4 -> 2x2.
-  c.model.kwargs.channel_mult = (1, 2, 2)
-  c.model.kwargs.num_res_blocks = 1
+  c.model.kwargs.base_channels = 32        # Small ADM U-Net (1.1M params): 8x8 -> 4x4.
+  c.model.kwargs.channel_mult = (1, 2)
+  c.model.kwargs.num_res_blocks = 2
   c.model.kwargs.attn_resolutions = (4,)
   c.model.kwargs.num_heads = 2
   c.model.kwargs.num_groups = 8
@@ -30,7 +30,7 @@ def get_config():
   c.optim.decay = "cosine"
   c.optim.end_lr_factor = 0.05
   c.ema.decays = (0.999,)
-  c.train.batch_size = 128
+  c.train.batch_size = 64
   c.train.num_steps = 3000
   c.train.log_every = 100
   c.train.eval_every = 1000
