@@ -229,3 +229,16 @@ def test_vlb_errors():
     likelihood.vlb_terms(sched, ident, x0, jax.random.key(0), jnp.linspace(0.1, 1, 3), model_var="fixed")
   with pytest.raises(ValueError, match=r"t_grid must be a 1-D array.*\(2, 2\)"):
     likelihood.vlb_terms(sched, ident, x0, jax.random.key(0), jnp.ones((2, 2)))
+
+
+def test_prior_kl_takes_per_example_times():
+  """t of shape [B] broadcasts over each example (B == D here, which a bare broadcast would get wrong)."""
+  from diffusax.core import schedules as sch
+  s = sch.get("vp_linear")
+  x0 = np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4)
+  t = np.array([0.3, 0.6, 0.9, 1.0], np.float32)
+  got = np.asarray(likelihood.prior_kl(s, x0, t))
+  for i in range(4):
+    a, sg = float(s.alpha(t[i])), float(s.sigma(t[i]))
+    want = 0.5 * np.sum((a * x0[i]) ** 2 + sg ** 2 - 1.0 - np.log(sg ** 2))  # KL(N(a x, s^2) || N(0, 1)).
+    np.testing.assert_allclose(got[i], want, rtol=1e-4)  # float32 cancellation in s^2 - 1 - log s^2.

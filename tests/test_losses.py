@@ -308,3 +308,8 @@ def test_errors_name_the_argument():
     loss(sched, x0, "eps", x0, x0, jnp.full((3,), 0.5))
   with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
     loss(sched, x0, "eps", x0, x0, 0.5)
+
+
+def test_drop_labels_refuses_impossible_probability():
+  with pytest.raises(ValueError, match=r"p must lie in \[0, 1\], got 1.5"):
+    losses.drop_labels(jax.random.key(0), jnp.arange(4), 1.5, 10)

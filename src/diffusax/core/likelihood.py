@@ -42,7 +42,7 @@ def _sum_dims(x):
 def prior_kl(schedule: Schedule, x0, t=1.0):
   """KL(q(x_t | x0) || N(0, sigma(1)^2 I)) summed over dimensions: [B] nats."""
   x0 = jnp.asarray(x0, F32)
-  t = jnp.asarray(t, F32)
+  t = process.batch_time(t, x0, "t", "x0")  # Scalar or [B], broadcast over the example.
   a, s = schedule.alpha(t), schedule.sigma(t)
   prior_var = schedule.prior_std ** 2
   return _sum_dims(normal_kl(a * x0, s * s, 0.0, prior_var))

@@ -179,5 +179,7 @@ def drop_labels(key, labels, p, null_class: int):
   labels = jnp.asarray(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+  if isinstance(p, (int, float)) and not 0.0 <= p <= 1.0:
+    raise ValueError(f"drop_labels: p must lie in [0, 1], got {p}")
   drop = jax.random.bernoulli(key, p, labels.shape)
   return jnp.where(drop, jnp.asarray(null_class, labels.dtype), labels)

@@ -7,8 +7,8 @@ With x_t = alpha x0 + sigma eps the targets are
     score  grad_x log q(x_t | x0) = -eps / sigma
     flow   dx_t/dt = alpha' x0 + sigma' eps           (for `Flow`: eps - x0)
 Every target is converted through the pair (x0, eps), solving the 2x2 linear
-system formed by x_t and the target; nothing divides by alpha unless the target
-is eps itself. `convert` takes alpha and sigma (and alpha', sigma' for flow) as
+system formed by x_t and the target; only the eps and score sources divide by
+alpha (so they cannot give x0 where alpha = 0). `convert` takes alpha and sigma (and alpha', sigma' for flow) as
 scalars, [B] arrays (expanded over x_t) or arrays broadcastable to x_t;
 `convert_at` reads them from a schedule at time t.
 """
