@@ -8,19 +8,54 @@ Each checkpoint step holds two items:
          run information.
 A restore reads `meta` first and refuses a checkpoint whose model signature
 differs from the current model, naming the differences, before any array is read.
+
+Safety (see parallel/integrity.py for the checksum):
+  * save: one jitted reduction gives a checksum and a finiteness flag per array;
+    a state with a non-finite value is never written (`NonFiniteState` names the
+    step and the first bad leaf); the checksums go into `meta`.
+  * restore: the restored arrays are checksummed again and compared with `meta`;
+    a mismatch, or an unreadable checkpoint, raises `CheckpointCorrupted` naming
+    it, or with `fallback=True` moves it aside to `<step>.corrupt` and tries the
+    next older one.
+  * a save that fails (disk full, read-only, permissions) raises
+    `CheckpointSaveError` naming the step, the cause and the last good step. An
+    async save's error surfaces at the next save or wait; orbax writes into a
+    temporary folder and renames it when complete, so earlier checkpoints stay
+    intact and a half-written one is ignored on restore.
+Multi-host: every process calls save/restore (orbax writes each array's shards
+from the processes that hold them); the checksum reduction is a collective
+whose replicated result every process sees; only process 0 renames folders.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffusax.parallel import integrity
 
-class CheckpointMismatch(ValueError):
+
+class CheckpointError(Exception):
+  """A user-facing checkpoint failure; main prints its message on one line and exits non-zero."""
+
+
+class CheckpointMismatch(CheckpointError, ValueError):
   """The checkpoint was written by a different model."""
+
+
+class CheckpointCorrupted(CheckpointError):
+  """The checkpoint's arrays do not match the checksums recorded when it was saved, or cannot be read."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint could not be written (disk full, read-only, permissions)."""
+
+
+class NonFiniteState(CheckpointError):
+  """The state to save holds NaN or Inf; it is not written."""
 
 
 def model_signature(abstract_params, model_settings: dict) -> dict:
@@ -44,13 +79,24 @@ def signature_diff(saved: dict, current: dict, limit: int = 5) -> list[str]:
 
 
 class Checkpointer:
-  """Saves and restores (TrainState, meta) under `directory`, keeping the last `keep`."""
+  """Saves and restores (TrainState, meta) under `directory`, keeping the last `keep`.
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  `log` receives one-line notices (e.g. a corrupted checkpoint skipped with fallback).
+  """
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+               replicated_sharding=None, log: Callable[[str], None] = print):
     self.directory = os.path.abspath(directory)
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                         enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
+    except OSError as e:
+      raise CheckpointSaveError(f"cannot use checkpoint directory {self.directory}: {_one_line(e)}") from None
+    self._audit = integrity.make_audit(replicated_sharding)
+    self._log = log
+    self._pending: int | None = None  # Step whose (async) write has not been confirmed yet.
+    self._last_good = self.latest_step()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -58,35 +104,134 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def audit(self, state) -> tuple[dict[str, str], list[str]]:
+    """({leaf path: checksum}, [non-finite leaf paths]) of a state."""
+    return integrity.audit(state, self._audit)
+
+  def _failed(self, step: int, e: BaseException) -> CheckpointSaveError:
+    good = f"step {self._last_good}" if self._last_good is not None else "none"
+    return CheckpointSaveError(
+        f"could not write checkpoint step {step} in {self.directory}: {_one_line(e)}. "
+        f"The last good checkpoint ({good}) is intact; fix the disk (space, permissions) and run again to "
+        "resume from it.")
+
   def save(self, step: int, state, meta: dict) -> None:
-    self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    """Checks finiteness, records checksums in meta, then saves (async when configured)."""
+    step = int(step)
+    checks, bad = self.audit(state)
+    if bad:
+      raise NonFiniteState(f"the state at step {step} has non-finite values (first in {bad[0]}"
+                           + (f", and {len(bad) - 1} more arrays" if len(bad) > 1 else "")
+                           + "); it was not saved. Lower the learning rate or check the data; "
+                           f"the last good checkpoint is step {self._last_good}.")
+    meta = {**meta, "checksums": checks, "checksum_method": integrity.METHOD}
+    self._confirm()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for I/O failures.
+      raise self._failed(step, e) from e
+    self._pending = step
+
+  def _confirm(self) -> None:
+    """Waits for the pending async save and turns its failure into CheckpointSaveError."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._failed(step, e) from e
+    if self.manager.latest_step() != step:
+      raise self._failed(step, RuntimeError("the checkpoint was not finalised"))
+    self._last_good = step
 
   def read_meta(self, step: int) -> dict:
     out = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(out["meta"])
 
-  def restore(self, abstract_state, signature: dict | None = None, step: int | None = None):
-    """Restores (state, meta) at `step` (default latest) onto abstract_state's shardings."""
+  def restore(self, abstract_state, signature: dict | None = None, step: int | None = None,
+              fallback: bool = False):
+    """Restores (state, meta) at `step` (default latest) onto abstract_state's shardings.
+
+    The arrays are verified against the checksums in meta. With `fallback`, a
+    corrupted latest checkpoint is moved aside and the next older one is tried.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    meta = self.read_meta(step)
+    while True:
+      try:
+        return self._restore_verified(abstract_state, signature, step)
+      except CheckpointCorrupted as e:
+        older = [s for s in self.all_steps() if s < step]
+        if not fallback or not older:
+          hint = (f" Set --config.train.ckpt_fallback=True to resume from the newest checkpoint that verifies "
+                  f"(older steps: {sorted(older)})." if older and not fallback else "")
+          raise CheckpointCorrupted(f"{e}{hint}") from None
+        self._log(f"warning: {e}; moving it to {step}.corrupt and trying step {max(older)}")
+        self._set_aside(step)
+        step = max(older)
+
+  def _restore_verified(self, abstract_state, signature, step):
+    where = f"checkpoint {os.path.join(self.directory, str(step))}"
+    try:
+      meta = self.read_meta(step)
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointCorrupted(f"{where} is unreadable: meta: {_one_line(e)}") from None
     if signature is not None:
       diff = signature_diff(meta.get("signature", {}), signature)
       if diff:
         raise CheckpointMismatch(
             f"checkpoint {self.directory} step {step} was written by a different model:\n  "
             + "\n  ".join(diff) + "\nUse a new --workdir for this model, or the config that wrote it.")
-    out = self.manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return out["state"], meta
+    try:
+      out = self.manager.restore(int(step),
+                                 args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # noqa: BLE001 - a damaged file fails deep inside tensorstore.
+      raise CheckpointCorrupted(f"{where} is unreadable: {_one_line(e)}") from None
+    state = out["state"]
+    recorded = meta.get("checksums")
+    if recorded is None:
+      self._log(f"warning: {where} has no checksums (written before they were recorded); not verified")
+      return state, meta
+    checks, _ = self.audit(state)
+    bad = [p for p in checks if recorded.get(p) != checks[p]]
+    if bad:
+      raise CheckpointCorrupted(
+          f"{where} is corrupted: array {bad[0]} has checksum {checks[bad[0]]} but {recorded.get(bad[0])} "
+          f"was recorded at save" + (f" ({len(bad)} arrays differ)" if len(bad) > 1 else ""))
+    return state, meta
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      src = os.path.join(self.directory, str(step))
+      dst = src + ".corrupt"
+      n = 1
+      while os.path.exists(dst):
+        dst, n = f"{src}.corrupt{n}", n + 1
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"diffusax_set_aside_{step}")
+    self.manager.reload()
+    if self._last_good == step:
+      self._last_good = self.latest_step()
 
   def wait(self) -> None:
+    self._confirm()
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= 400 else text[:400] + " ..."
 
 
 def abstract_like(tree, shardings) -> Any:

@@ -64,6 +64,11 @@ def main(argv) -> None:
   except settings_lib.ConfigError as e:
     _error(str(e))
   _apply_runtime(config)
+  from diffusax.parallel import distributed  # Before any device use: joins the other processes, if any.
+  try:
+    distributed.initialize(config.runtime.distributed)
+  except ValueError as e:
+    _error(str(e))
   try:
     s = settings_lib.parse(config)
     if FLAGS.mode == "train":
@@ -72,8 +77,8 @@ def main(argv) -> None:
   except settings_lib.ConfigError as e:
     _error(str(e))
   except Exception as e:  # Known, user-facing failures from deeper layers.
-    from diffusax.checkpoint import CheckpointMismatch
-    if isinstance(e, CheckpointMismatch):
+    from diffusax.checkpoint import CheckpointError
+    if isinstance(e, CheckpointError):  # Model mismatch, corrupted or unwritable checkpoint, NaN state.
       _error(str(e))
     raise
 

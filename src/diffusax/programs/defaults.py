@@ -60,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3       # Checkpoints kept.
   c.train.async_checkpoints = True   # Write checkpoints in the background.
   c.train.eval_batches = 4           # Held-out batches in the eval loss.
+  c.train.ckpt_fallback = False      # If the latest checkpoint fails its checksums, resume from the newest
+                                     # one that verifies (the bad one is renamed <step>.corrupt); else stop.
 
   c.sample = ml_collections.ConfigDict()
   c.sample.method = "dpm_solver_pp_2m"  # core.samplers.METHODS name.
@@ -69,9 +71,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.eta = 0.0                 # DDIM eta.
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (-1, 1)             # (data, fsdp) device mesh; one -1 takes the remaining devices.
+  c.mesh.shape = (-1, 1)             # (data, fsdp) device mesh over all processes' devices; one -1 takes
+                                     # the rest. Params/optimizer state are sharded over fsdp, the batch over both.
+  c.mesh.strategy = "mesh"           # "mesh": jit over the (data, fsdp) mesh; "pmap": replicated state,
+                                     # pmean of gradients over all devices (mesh.shape must then be (-1, 1)).
 
   c.runtime = ml_collections.ConfigDict()
   c.runtime.xla_cpu_eigen_convs = True  # XLA:CPU only: convs/dots via Eigen, ~2x faster conv training on CPU.
   c.runtime.compilation_cache_dir = ""  # Persistent XLA compilation cache directory ("" = off).
+  c.runtime.distributed = "auto"     # jax.distributed start-up: "auto" when launched multi-process
+                                     # (see diffusax.parallel.distributed), "on", or "off".
   return c

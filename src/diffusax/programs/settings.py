@@ -19,6 +19,9 @@ from diffusax.training.optimizer import OptimConfig
 from diffusax.training.step import LossConfig
 
 
+MESH_STRATEGIES = ("mesh", "pmap")  # How the train step is parallelised (see programs/train.py).
+
+
 class ConfigError(ValueError):
   """A config that cannot run; the message says what was given and what is allowed."""
 
@@ -63,6 +66,7 @@ class TrainSettings:
   keep_checkpoints: int
   async_checkpoints: bool
   eval_batches: int
+  ckpt_fallback: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Settings:
   train: TrainSettings
   sample: SampleSettings
   mesh_shape: tuple
+  mesh_strategy: str
 
   @property
   def schedule(self) -> schedules.Schedule:
@@ -154,7 +159,16 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       ckpt_every=_positive("train.ckpt_every", c.train.ckpt_every),
       keep_checkpoints=_positive("train.keep_checkpoints", c.train.keep_checkpoints),
       async_checkpoints=bool(c.train.async_checkpoints),
-      eval_batches=_positive("train.eval_batches", c.train.eval_batches, allow_zero=True))
+      eval_batches=_positive("train.eval_batches", c.train.eval_batches, allow_zero=True),
+      ckpt_fallback=bool(c.train.ckpt_fallback))
+  if c.mesh.strategy not in MESH_STRATEGIES:
+    raise ConfigError(f"unknown mesh.strategy {c.mesh.strategy!r}; allowed: {list(MESH_STRATEGIES)}")
+  if c.mesh.strategy == "pmap" and len(c.mesh.shape) == 2 and tuple(c.mesh.shape)[1] != 1:
+    raise ConfigError(f"mesh.strategy='pmap' replicates the state over all devices: mesh.shape must be (-1, 1), "
+                      f"got {tuple(c.mesh.shape)}")
+  from diffusax.parallel import distributed  # Deferred, like samplers.
+  if c.runtime.distributed not in distributed.MODES:
+    raise ConfigError(f"runtime.distributed must be one of {list(distributed.MODES)}, got {c.runtime.distributed!r}")
   sample = SampleSettings(method=c.sample.method, num_steps=_positive("sample.num_steps", c.sample.num_steps),
                           guidance_scale=float(c.sample.guidance_scale),
                           per_class=_positive("sample.per_class", c.sample.per_class), eta=float(c.sample.eta))
@@ -165,7 +179,8 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       schedule_name=c.diffusion.schedule, schedule_kwargs=sched_kwargs, loss=loss,
       model_name=c.model.name, model_kwargs=dict(c.model.kwargs), model_dtype=c.model.dtype,
       class_conditional=bool(c.model.class_conditional), optim=optim, ema_decays=decays,
-      ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape))
+      ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape),
+      mesh_strategy=c.mesh.strategy)
 
 
 def with_null_class(s: Settings, num_classes: int | None) -> Settings:

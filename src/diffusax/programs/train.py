@@ -5,6 +5,16 @@ init abstractly (shapes only) to get parameter shardings, then either restore
 the latest checkpoint in the workdir onto those shardings or initialise under
 `jit` with them as out_shardings. The train step is jitted once with the state
 donated. The loop syncs with the host only at log, eval and checkpoint steps.
+
+Strategies (`mesh.strategy`): "mesh" jits the step over the (data, fsdp) mesh
+with parameters and optimizer state sharded over fsdp; "pmap" keeps a replica
+per device and `pmean`s gradients (parallel/pmap.py). Either way checkpoints,
+eval and sampling use the canonical global state on the mesh, so a checkpoint
+restores onto any mesh shape or strategy.
+
+Preemption: SIGTERM/SIGINT end the loop after the current step with a saved
+checkpoint and a normal return (training/preemption.py). Checkpoints are
+checksummed and never written with non-finite values (checkpoint.py).
 """
 from __future__ import annotations
 
@@ -21,11 +31,13 @@ import numpy as np
 from diffusax import checkpoint as ckpt_lib
 from diffusax.data import pipeline
 from diffusax.parallel import mesh as mesh_lib
+from diffusax.parallel import pmap as pmap_lib
 from diffusax.programs import settings as settings_lib
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
 from diffusax.sampling import generate
 from diffusax.training import optimizer as optim_lib
+from diffusax.training import preemption
 from diffusax.training import state as state_lib
 from diffusax.training import step as step_lib
 
@@ -78,8 +90,12 @@ def state_shardings(abstract_state, param_sh, mesh):
                               opt_state=opt, rng=rep)
 
 
-def setup(s: Settings) -> Setup:
-  """Validates everything and computes shapes and shardings; no device computation."""
+def setup(s: Settings, devices=None) -> Setup:
+  """Validates everything and computes shapes and shardings; no device computation.
+
+  `devices`: the devices of the mesh (default all, over all processes); e.g. one
+  device to sample from or evaluate a checkpoint written on a larger mesh.
+  """
   try:
     source = pipeline.open_source(s.data.name, s.data.split, s.data.data_dir)
     num_classes = pipeline.num_classes(s.data.name, s.data.data_dir)
@@ -88,10 +104,13 @@ def setup(s: Settings) -> Setup:
   s = settings_lib.with_null_class(s, num_classes)
   settings_lib.time_sampler_check(s)
   try:
-    mesh = mesh_lib.make_mesh(s.mesh_shape)
+    mesh = mesh_lib.make_mesh(s.mesh_shape, devices)
     mesh_lib.check_batch(s.train.batch_size, mesh, jax.process_count())
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
+  if s.mesh_strategy == "pmap" and jax.process_count() > 1:
+    raise ConfigError(f"mesh.strategy='pmap' runs in one process; this run has {jax.process_count()} "
+                      "processes: use mesh.strategy='mesh'")
   if s.train.batch_size > len(source):
     raise ConfigError(f"train.batch_size {s.train.batch_size} exceeds the {len(source)} training examples")
   example = pipeline.image_transform()(source.__getitems__(np.arange(1)), None) if s.data.name != "toy_gmm2d" \
@@ -193,22 +212,35 @@ def evaluate_loss(u: Setup, eval_fn, params, eval_source) -> float:
   return float(np.mean([float(v) for v in vals]))
 
 
-def train_and_evaluate(s: Settings, workdir: str) -> dict:
-  """Trains (resuming from the workdir when it has a checkpoint), then samples and evaluates."""
-  u = setup(s)
+@dataclasses.dataclass
+class Runner:
+  """The parallel strategy: how the state is held during the loop and how one step runs.
+
+  to_run(state) / from_run(state) convert between the canonical global state
+  (checkpoints, eval, sampling) and the loop's form; step(state, host_batch)
+  runs one jitted step on this process' rows.
+  """
+  to_run: Any
+  from_run: Any
+  step: Any
+
+
+def make_runner(u: Setup) -> Runner:
   s = u.s
-  os.makedirs(workdir, exist_ok=True)
-  logger = Logger(workdir, enabled=jax.process_index() == 0)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
-                               async_save=s.train.async_checkpoints)
-  it = make_iterator(u)
-  abstract = ckpt_lib.abstract_like(u.abstract_state, u.state_shardings)
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(abstract, u.signature)
-    it.restore(meta["data"])
-    logger.info(f"resumed from step {int(state.step)} in {ckpt.directory}")
-  else:
-    state = init_state(u)
+  batch_keys = ("x", "label")
+  if s.mesh_strategy == "pmap":
+    devices = list(u.mesh.devices.flat)
+    n = len(devices)
+    fn = step_lib.make_train_step(u.module.apply, u.tx, u.lr_fn, u.schedule, s.loss, s.ema_decays, s.ema_warmup,
+                                  axis_name=pmap_lib.AXIS, axis_size=n)
+    pstep = jax.pmap(_count("train_step", fn), axis_name=pmap_lib.AXIS, devices=devices, donate_argnums=0)
+
+    def step(state, batch):
+      state, metrics = pstep(state, pmap_lib.split_batch({k: v for k, v in batch.items() if k in batch_keys}, n))
+      return state, jax.tree.map(lambda m: m[0], metrics)
+
+    return Runner(to_run=lambda st: pmap_lib.replicate(st, devices),
+                  from_run=lambda st: pmap_lib.unreplicate(st, u.state_shardings), step=step)
 
   train_step = step_lib.make_train_step(u.module.apply, u.tx, u.lr_fn, u.schedule, s.loss, s.ema_decays,
                                         s.ema_warmup)
@@ -217,6 +249,55 @@ def train_and_evaluate(s: Settings, workdir: str) -> dict:
   rep = mesh_lib.replicated(u.mesh)
   step_fn = jax.jit(_count("train_step", train_step), in_shardings=(u.state_shardings, batch_sh),
                     out_shardings=(u.state_shardings, rep), donate_argnums=0)
+
+  def step(state, batch):
+    return step_fn(state, to_global({k: v for k, v in batch.items() if k in batch_sh}, u.mesh))
+
+  return Runner(to_run=lambda st: st, from_run=lambda st: st, step=step)
+
+
+def open_checkpointer(u: Setup, workdir: str, logger: Logger | None = None) -> ckpt_lib.Checkpointer:
+  s = u.s
+  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
+                               async_save=s.train.async_checkpoints,
+                               replicated_sharding=mesh_lib.replicated(u.mesh),
+                               log=logger.info if logger is not None else print)
+
+
+def train_and_evaluate(s: Settings, workdir: str, devices=None) -> dict:
+  """Trains (resuming from the workdir when it has a checkpoint), then samples and evaluates.
+
+  On SIGTERM/SIGINT it saves after the current step and returns early with
+  result["preempted"] = True (no final eval or samples). `devices`: see `setup`.
+  """
+  u = setup(s, devices)
+  s = u.s
+  os.makedirs(workdir, exist_ok=True)
+  logger = Logger(workdir, enabled=jax.process_index() == 0)
+  ckpt = open_checkpointer(u, workdir, logger)
+  try:
+    return _train_loop(u, workdir, logger, ckpt)
+  except ckpt_lib.CheckpointError:
+    try:  # Leave orbax's background writer without raising the same failure again.
+      ckpt.manager.close()
+    except Exception:  # noqa: BLE001
+      pass
+    logger.close()
+    raise
+
+
+def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpointer) -> dict:
+  s = u.s
+  it = make_iterator(u)
+  abstract = ckpt_lib.abstract_like(u.abstract_state, u.state_shardings)
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(abstract, u.signature, fallback=s.train.ckpt_fallback)
+    it.restore(meta["data"])
+    logger.info(f"resumed from step {int(state.step)} in {ckpt.directory}")
+  else:
+    state = init_state(u)
+
+  runner = make_runner(u)
   eval_fn = jax.jit(_count("eval_loss", step_lib.make_eval_loss(u.module.apply, u.schedule, s.loss)))
   eval_source = None
   if s.data.eval_split:
@@ -226,40 +307,53 @@ def train_and_evaluate(s: Settings, workdir: str) -> dict:
       raise ConfigError(f"data.eval_split: {e}") from None
   gen = make_generator(u)
 
-  def save(st):
+  def save(st):  # st in canonical (global) form.
     meta = {"data": it.state(), "signature": u.signature, "step": int(st.step)}
     ckpt.save(int(st.step), st, meta)
 
   start = int(state.step)
   total = s.train.num_steps
   t0, step0 = time.perf_counter(), start
-  pending = None
   history = []
-  for step in range(start, total):
-    batch = to_global({k: v for k, v in next(it).items() if k in batch_sh}, u.mesh)
-    state, metrics = step_fn(state, batch)
-    done = step + 1
-    if done % s.train.log_every == 0 or done == total:
-      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.perf_counter()
-      rate = (done - step0) / max(now - t0, 1e-9)
-      m.update(steps_per_s=rate, images_per_s=rate * s.train.batch_size)
-      history.append({"step": done, **m})
-      logger.progress(done, total, m, eta_s=(total - done) / max(rate, 1e-9))
-      t0, step0 = now, done
-    if done % s.train.ckpt_every == 0 and done != total:
-      save(state)
-    if s.train.eval_every and done % s.train.eval_every == 0 and done != total:
-      ev = evaluate_loss(u, eval_fn, state.ema_params[0], eval_source)
-      logger.scalars({"eval_loss_ema": ev}, done)
-      write_samples(u, state.ema_params[0], done, workdir, logger, gen)
+  run_state = runner.to_run(state)
+  del state
+  preempted = False
+  with preemption.StopRequest(multi_process=jax.process_count() > 1) as stop:
+    for step in range(start, total):
+      run_state, metrics = runner.step(run_state, next(it))
+      done = step + 1
+      if done % s.train.log_every == 0 or done == total:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        rate = (done - step0) / max(now - t0, 1e-9)
+        m.update(steps_per_s=rate, images_per_s=rate * s.train.batch_size)
+        history.append({"step": done, **m})
+        logger.progress(done, total, m, eta_s=(total - done) / max(rate, 1e-9))
+        t0, step0 = now, done
+      if stop.requested(done):
+        preempted = done != total
+        break
+      if done % s.train.ckpt_every == 0 and done != total:
+        save(runner.from_run(run_state))
+      if s.train.eval_every and done % s.train.eval_every == 0 and done != total:
+        ema = runner.from_run(run_state).ema_params[0]
+        ev = evaluate_loss(u, eval_fn, ema, eval_source)
+        logger.scalars({"eval_loss_ema": ev}, done)
+        write_samples(u, ema, done, workdir, logger, gen)
+  state = runner.from_run(run_state)
   if int(state.step) != start or ckpt.latest_step() != int(state.step):
     save(state)
   ckpt.wait()
   final_step = int(state.step)
+  if preempted:
+    logger.info(f"stopped by signal {stop.signum} after step {final_step}; checkpoint saved in "
+                f"{ckpt.directory}; run again to resume")
+    logger.close()
+    ckpt.close()
+    return {"step": final_step, "preempted": True, "checkpoint": os.path.join(ckpt.directory, str(final_step))}
   ev = evaluate_loss(u, eval_fn, state.ema_params[0], eval_source)
   grid = write_samples(u, state.ema_params[0], final_step, workdir, logger, gen)
-  result = {"step": final_step, "eval_loss_ema": ev, "samples": grid,
+  result = {"step": final_step, "eval_loss_ema": ev, "samples": grid, "preempted": False,
             "train_loss_last": history[-1]["loss"] if history else None,
             "checkpoint": os.path.join(ckpt.directory, str(final_step))}
   logger.scalars({"eval_loss_ema": ev}, final_step)

@@ -4,6 +4,13 @@ At step k every draw comes from key = fold_in(base_key, k), split four ways
 (time, noise, label dropout, network dropout), over the *global* batch, so the
 result does not depend on how the batch is sharded or how many processes feed
 it. The loss is `core.losses.diffusion_loss` averaged over the batch.
+
+With `axis_name` (the pmap strategy) each device holds b = B / n rows and a
+replica of the state: the draws are still made for the global batch of B rows
+and device i takes rows [i b, (i + 1) b), and the gradients are averaged with
+`pmean`, so the update equals the mesh strategy's up to float reduction order.
+(Dropout masks inside the network are drawn per device, so with network
+dropout > 0 the two strategies differ in which units are dropped.)
 """
 from __future__ import annotations
 
@@ -48,8 +55,12 @@ def step_keys(state: TrainState):
 
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn: Callable,
-                    schedule, loss: LossConfig, ema_decays, ema_warmup: bool = True):
-  """Builds the (unjitted) train step. `apply_fn(variables, x, t, y, train, rngs)` is a Flax apply."""
+                    schedule, loss: LossConfig, ema_decays, ema_warmup: bool = True,
+                    axis_name: str | None = None, axis_size: int = 1):
+  """Builds the (unjitted) train step. `apply_fn(variables, x, t, y, train, rngs)` is a Flax apply.
+
+  `axis_name`/`axis_size`: run under `pmap` over that axis of `axis_size` devices (see module doc).
+  """
   ema_decays = tuple(float(d) for d in ema_decays)
   wparams = dict(loss.weighting_params)
   num_discrete = getattr(schedule, "num_steps", None)
@@ -57,13 +68,22 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, Any]]:
     x = batch["x"]
     b = x.shape[0]
+    n = axis_size if axis_name else 1
     k_t, k_eps, k_label, k_drop = step_keys(state)
-    t = losses.sample_t(k_t, b, loss.time_sampler, schedule=schedule, num_steps=num_discrete, t_min=loss.t_min)
-    eps = jax.random.normal(k_eps, x.shape, jnp.float32)
-    x_t = process.q_sample(schedule, x, t, eps)
+    t = losses.sample_t(k_t, b * n, loss.time_sampler, schedule=schedule, num_steps=num_discrete,
+                        t_min=loss.t_min)
+    eps = jax.random.normal(k_eps, (b * n,) + x.shape[1:], jnp.float32)
     y = None
     if loss.null_class is not None:
-      y = losses.drop_labels(k_label, batch["label"], loss.label_dropout, loss.null_class)
+      labels = batch["label"]
+      if axis_name:
+        labels = jax.lax.all_gather(labels, axis_name, tiled=True)
+      y = losses.drop_labels(k_label, labels, loss.label_dropout, loss.null_class)
+    if axis_name:  # This device's rows of the global draws.
+      start = jax.lax.axis_index(axis_name) * b
+      t, eps = (jax.lax.dynamic_slice_in_dim(v, start, b) for v in (t, eps))
+      y = None if y is None else jax.lax.dynamic_slice_in_dim(y, start, b)
+    x_t = process.q_sample(schedule, x, t, eps)
 
     def loss_fn(params):
       pred = apply_fn({"params": params}, x_t, t, y, train=True, rngs={"dropout": k_drop})
@@ -72,6 +92,8 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
       return jnp.mean(per_example)
 
     value, grads = jax.value_and_grad(loss_fn)(state.params)
+    if axis_name:
+      value, grads = jax.lax.pmean((value, grads), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state_lib.update_ema(state.ema_params, params, ema_decays, state.step, ema_warmup)
