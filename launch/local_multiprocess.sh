@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# N diffusax processes on this machine, joined by jax.distributed over loopback (CPU collectives: gloo).
+# For trying multi-host code paths without a cluster; every process gets its own fake CPU devices.
+#
+#   launch/local_multiprocess.sh NUM_PROCESSES --config=configs/toy2d.py --workdir=runs/toy2d_mp [--config.X=...]
+#
+# Environment: PYTHON (default: python), PORT (coordinator port; default: a free one),
+# CPU_DEVICES_PER_PROCESS (default 1). All processes share the workdir: checkpoints are written
+# collectively, logs, metrics and sample grids only by process 0. SIGINT/SIGTERM to this script are
+# forwarded to every process (each finishes its step, they save together and exit 0).
+set -euo pipefail
+if [[ $# -lt 1 || ! $1 =~ ^[0-9]+$ ]]; then
+  echo "usage: $0 NUM_PROCESSES [diffusax.main flags...]" >&2; exit 2
+fi
+n=$1; shift
+PYTHON=${PYTHON:-python}
+port=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+devs=${CPU_DEVICES_PER_PROCESS:-1}
+# Keep the caller's XLA flags except a device count, which is set per process here.
+flags=$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
+pids=()
+forward() { kill -s "$1" "${pids[@]}" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+for ((i = 0; i < n; i++)); do
+  JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$n" JAX_PROCESS_ID="$i" JAX_PLATFORMS=cpu \
+    XLA_FLAGS="$flags --xla_force_host_platform_device_count=$devs" \
+    "$PYTHON" -m diffusax.main "$@" &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do
+  while :; do
+    set +e; wait "$p"; s=$?; set -e
+    kill -0 "$p" 2>/dev/null || break   # wait returned early for a forwarded signal: wait again.
+  done
+  if [[ $s -ne 0 && $rc -eq 0 ]]; then rc=$s; fi
+done
+exit $rc
