@@ -31,7 +31,7 @@ def get_config():
   c.optim.end_lr_factor = 0.05
   c.ema.decays = (0.999,)
   c.train.batch_size = 64
-  c.train.num_steps = 3000
+  c.train.num_steps = 2000
   c.train.log_every = 100
   c.train.eval_every = 1000
   c.train.ckpt_every = 1000
