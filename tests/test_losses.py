@@ -21,28 +21,10 @@ import pytest
 import scipy.integrate
 
 from diffusax.core import losses, schedules
+from references import np_coefficients, np_flow, np_log_snr, np_targets, np_ve, np_vp_cosine, np_vp_linear
 
 TARGETS = ["eps", "x0", "v", "score", "flow"]
 T_EVAL = np.array([0.02, 0.055, 0.315, 0.605, 0.785])
-
-
-def np_vp_linear(t, b0=0.1, b1=20.0):
-  a = np.exp(-0.25 * t**2 * (b1 - b0) - 0.5 * t * b0)
-  return a, np.sqrt(1.0 - a**2)
-
-
-def np_vp_cosine(t, s=0.008):
-  f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
-  abar = f(t) / f(0.0)
-  return np.sqrt(abar), np.sqrt(1.0 - abar)
-
-
-def np_ve(t, smin=0.01, smax=50.0):
-  return np.ones_like(t), smin * (smax / smin) ** t
-
-
-def np_flow(t):
-  return 1.0 - t, t
 
 
 SCHEDULES = {
@@ -52,18 +34,6 @@ SCHEDULES = {
     "flow": (schedules.Flow(), np_flow),
 }
 WEIGHTINGS = {"snr": {}, "min_snr": {"gamma": 5.0}, "elbo": {}, "sigmoid": {"bias": -1.0}}
-
-
-def np_coefficients(ref, t, h=1e-6):
-  a, s = ref(t)
-  da = (ref(t + h)[0] - ref(t - h)[0]) / (2 * h)
-  ds = (ref(t + h)[1] - ref(t - h)[1]) / (2 * h)
-  return a, s, da, ds
-
-
-def np_log_snr(ref, t):
-  a, s = ref(t)
-  return np.log(a**2 / s**2)
 
 
 def np_weight_x0(ref, t, weighting):
@@ -80,11 +50,6 @@ def np_weight_x0(ref, t, weighting):
   if weighting == "sigmoid":
     return snr / (1 + np.exp(-(-1.0 - lam)))
   raise ValueError(weighting)
-
-
-def np_targets(x0, eps, a, s, da, ds):
-  a, s, da, ds = (c[:, None] for c in (a, s, da, ds))
-  return {"eps": eps, "x0": x0, "v": a * eps - s * x0, "score": -eps / s, "flow": da * x0 + ds * eps}
 
 
 @jax.jit

@@ -16,25 +16,7 @@ import numpy as np
 import pytest
 
 from diffusax.core import process, schedules
-
-
-def np_vp_linear(t, b0=0.1, b1=20.0):
-  a = np.exp(-0.25 * t**2 * (b1 - b0) - 0.5 * t * b0)
-  return a, np.sqrt(1.0 - a**2)
-
-
-def np_vp_cosine(t, s=0.008):
-  f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
-  abar = f(t) / f(0.0)
-  return np.sqrt(abar), np.sqrt(1.0 - abar)
-
-
-def np_ve(t, smin=0.01, smax=50.0):
-  return np.ones_like(t), smin * (smax / smin) ** t
-
-
-def np_flow(t):
-  return 1.0 - t, t
+from references import np_flow, np_ve, np_vp_cosine, np_vp_linear
 
 
 CONTINUOUS = {

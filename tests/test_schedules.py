@@ -26,31 +26,12 @@ import numpy as np
 import pytest
 
 from diffusax.core import schedules
+from references import np_flow, np_log_snr, np_ve, np_vp_cosine, np_vp_linear
 
 T_GRID = np.linspace(0.01, 0.99, 25)
 
 
 # --- independent float64 closed forms -------------------------------------
-
-def np_vp_linear(t, b0=0.1, b1=20.0):
-  log_a = -0.25 * t**2 * (b1 - b0) - 0.5 * t * b0
-  a = np.exp(log_a)
-  return a, np.sqrt(1.0 - a**2)
-
-
-def np_vp_cosine(t, s=0.008):
-  f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
-  abar = f(t) / f(0.0)
-  return np.sqrt(abar), np.sqrt(1.0 - abar)
-
-
-def np_ve(t, smin=0.01, smax=50.0):
-  return np.ones_like(t), smin * (smax / smin) ** t
-
-
-def np_flow(t):
-  return 1.0 - t, t
-
 
 CONTINUOUS = {
     "vp_linear": (lambda: schedules.VPLinear(), np_vp_linear),
@@ -61,11 +42,6 @@ CONTINUOUS = {
     "ve_custom": (lambda: schedules.VE(sigma_min=0.002, sigma_max=80.0), lambda t: np_ve(t, 0.002, 80.0)),
     "flow": (lambda: schedules.Flow(), np_flow),
 }
-
-
-def np_log_snr(ref, t):
-  a, s = ref(t)
-  return np.log(a**2) - np.log(s**2)
 
 
 def central_diff(fn, t, h=1e-5):

@@ -17,29 +17,11 @@ import numpy as np
 import pytest
 
 from diffusax.core import losses, schedules, targets
+from references import np_coefficients, np_flow, np_targets, np_ve, np_vp_cosine, np_vp_linear
 
 TARGETS = ["eps", "x0", "v", "score", "flow"]
 T_EVAL = np.array([0.055, 0.315, 0.605, 0.785])
 T_DISCRETE = 50
-
-
-def np_vp_linear(t, b0=0.1, b1=20.0):
-  a = np.exp(-0.25 * t**2 * (b1 - b0) - 0.5 * t * b0)
-  return a, np.sqrt(1.0 - a**2)
-
-
-def np_vp_cosine(t, s=0.008):
-  f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
-  abar = f(t) / f(0.0)
-  return np.sqrt(abar), np.sqrt(1.0 - abar)
-
-
-def np_ve(t, smin=0.01, smax=50.0):
-  return np.ones_like(t), smin * (smax / smin) ** t
-
-
-def np_flow(t):
-  return 1.0 - t, t
 
 
 def np_discrete(betas):
@@ -68,19 +50,6 @@ SCHEDULES = {
                     np_discrete(np.linspace(1e-4, 0.02, T_DISCRETE))),
     "ddpm_cosine": (schedules.get("ddpm_cosine", num_steps=T_DISCRETE), np_discrete(_cos_betas(T_DISCRETE))),
 }
-
-
-def np_coefficients(ref, t, h=1e-6):
-  a, s = ref(t)
-  da = (ref(t + h)[0] - ref(t - h)[0]) / (2 * h)
-  ds = (ref(t + h)[1] - ref(t - h)[1]) / (2 * h)
-  return a, s, da, ds
-
-
-def np_targets(x0, eps, a, s, da, ds):
-  """Each target's value from (x0, eps); coefficients are [B] expanded over [B, D]."""
-  a, s, da, ds = (c[:, None] for c in (a, s, da, ds))
-  return {"eps": eps, "x0": x0, "v": a * eps - s * x0, "score": -eps / s, "flow": da * x0 + ds * eps}
 
 
 def _case(name, seed=0):
