@@ -69,6 +69,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.guidance_scale = 1.0      # CFG scale w (0: conditional only; guided = cond + w (cond - uncond)).
   c.sample.per_class = 10            # Grid columns per class row (conditional); grid side otherwise.
   c.sample.eta = 0.0                 # DDIM eta.
+  c.sample.num_samples = 1000        # --mode=sample: samples to generate (global indices 0..N-1).
+  c.sample.shard_size = 256          # --mode=sample: samples per .npz shard (= one batch over all devices).
+  c.sample.labels = ()               # --mode=sample: labels cycled over indices; () = balanced (i mod classes).
+  c.sample.seed = 0                  # --mode=sample/eval: sample i's noise is fold_in(key(seed), i).
+  c.sample.checkpoint_step = -1      # --mode=sample/eval: checkpoint step to load (-1: the latest).
+  c.sample.output_dir = ""           # --mode=sample: shard folder ("" = WORKDIR/samples/step<S>_<method><n>_w<w>_seed<seed>).
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.metrics = ("fd", "kid", "class_accuracy", "bpd_vlb", "bpd_ode")  # --mode=eval: what to compute.
+  c.eval.num_samples = 900           # Generated samples for fd/kid/class_accuracy (digits: ~ a real half).
+  c.eval.features = "auto"           # fd/kid features: auto (digits -> digits, else inception), digits, inception.
+  c.eval.inception_weights = ""      # Path of the FID Inception weights (pt_inception-2015-12-05-*.pth or .npz).
+  c.eval.kid_subset_size = 1000      # KID subset size (capped at the set sizes); 100 subsets.
+  c.eval.bpd_examples = 128          # Held-out (data.eval_split) examples for bits/dim.
+  c.eval.vlb_steps = 100             # Time steps of the discrete VLB (discrete schedules: their own T).
+  c.eval.ode_steps = 50              # Steps of the probability-flow ODE solver for bpd_ode.
+  c.eval.ode_solver = "heun"         # PF-ODE solver: euler, heun or rk4.
+  c.eval.hutchinson = "rademacher"   # Divergence: rademacher or gaussian (Hutchinson), or exact (small data).
+  c.eval.t_min = 1e-3                # Smallest time of the VLB grid and the ODE.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)             # (data, fsdp) device mesh over all processes' devices; one -1 takes

@@ -76,6 +76,30 @@ class SampleSettings:
   guidance_scale: float
   per_class: int
   eta: float
+  num_samples: int = 1000
+  shard_size: int = 256
+  labels: tuple = ()
+  seed: int = 0
+  checkpoint_step: int = -1
+  output_dir: str = ""
+
+
+EVAL_METRICS = ("fd", "kid", "class_accuracy", "bpd_vlb", "bpd_ode")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  metrics: tuple = EVAL_METRICS
+  num_samples: int = 900
+  features: str = "auto"
+  inception_weights: str = ""
+  kid_subset_size: int = 1000
+  bpd_examples: int = 128
+  vlb_steps: int = 100
+  ode_steps: int = 50
+  ode_solver: str = "heun"
+  hutchinson: str = "rademacher"
+  t_min: float = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +120,7 @@ class Settings:
   sample: SampleSettings
   mesh_shape: tuple
   mesh_strategy: str
+  eval: EvalSettings = EvalSettings()
 
   @property
   def schedule(self) -> schedules.Schedule:
@@ -171,7 +196,12 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
     raise ConfigError(f"runtime.distributed must be one of {list(distributed.MODES)}, got {c.runtime.distributed!r}")
   sample = SampleSettings(method=c.sample.method, num_steps=_positive("sample.num_steps", c.sample.num_steps),
                           guidance_scale=float(c.sample.guidance_scale),
-                          per_class=_positive("sample.per_class", c.sample.per_class), eta=float(c.sample.eta))
+                          per_class=_positive("sample.per_class", c.sample.per_class), eta=float(c.sample.eta),
+                          num_samples=_positive("sample.num_samples", c.sample.num_samples),
+                          shard_size=_positive("sample.shard_size", c.sample.shard_size),
+                          labels=tuple(int(v) for v in c.sample.labels), seed=int(c.sample.seed),
+                          checkpoint_step=int(c.sample.checkpoint_step), output_dir=str(c.sample.output_dir))
+  ev = _parse_eval(c)
   return Settings(
       seed=int(c.seed),
       data=DataSettings(name=c.data.name, data_dir=c.data.data_dir, split=c.data.split,
@@ -180,7 +210,28 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       model_name=c.model.name, model_kwargs=dict(c.model.kwargs), model_dtype=c.model.dtype,
       class_conditional=bool(c.model.class_conditional), optim=optim, ema_decays=decays,
       ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape),
-      mesh_strategy=c.mesh.strategy)
+      mesh_strategy=c.mesh.strategy, eval=ev)
+
+
+def _parse_eval(c) -> EvalSettings:
+  """The eval.* keys, checked against their allowed values."""
+  metrics = tuple(c.eval.metrics)
+  bad = sorted(set(metrics) - set(EVAL_METRICS))
+  if bad:
+    raise ConfigError(f"unknown eval.metrics {bad}; allowed: {list(EVAL_METRICS)}")
+  for key, allowed in (("features", ("auto", "digits", "inception")), ("ode_solver", ("euler", "heun", "rk4")),
+                       ("hutchinson", ("rademacher", "gaussian", "exact"))):
+    if c.eval[key] not in allowed:
+      raise ConfigError(f"unknown eval.{key} {c.eval[key]!r}; allowed: {list(allowed)}")
+  if not 0.0 < float(c.eval.t_min) < 1.0:
+    raise ConfigError(f"eval.t_min must be in (0, 1), got {c.eval.t_min!r}")
+  return EvalSettings(metrics=metrics, num_samples=_positive("eval.num_samples", c.eval.num_samples),
+                      features=c.eval.features, inception_weights=str(c.eval.inception_weights),
+                      kid_subset_size=_positive("eval.kid_subset_size", c.eval.kid_subset_size),
+                      bpd_examples=_positive("eval.bpd_examples", c.eval.bpd_examples),
+                      vlb_steps=_positive("eval.vlb_steps", c.eval.vlb_steps),
+                      ode_steps=_positive("eval.ode_steps", c.eval.ode_steps), ode_solver=c.eval.ode_solver,
+                      hutchinson=c.eval.hutchinson, t_min=float(c.eval.t_min))
 
 
 def with_null_class(s: Settings, num_classes: int | None) -> Settings:

@@ -1,0 +1,271 @@
+"""A resumable, sharded batch sampling job.
+
+The job draws samples 0 .. N-1 in shards of `shard_size` consecutive global
+indices; shard k holds indices [k S, min((k + 1) S, N)). Every sample depends
+only on (seed, its global index, its label):
+
+  * x_T of sample i is prior_std * N(0, I) drawn with fold_in(fold_in(key, 0), i)
+    (`generate.initial_noise`);
+  * samplers that draw noise while sampling (ddpm, euler_maruyama, pc, ddim with
+    eta > 0) run per sample (vmapped over the batch) with the key
+    fold_in(fold_in(key, 1), i), so their draws do not depend on the batch either.
+
+A shard is computed as one batch (padded to a multiple of the device count,
+split over every device of every process by the mesh's batch sharding), so a
+restarted job recomputes exactly the same batches and its files are
+bit-identical to an uninterrupted run's. Process 0 writes each shard as
+`shard_KKKKKK.npz` {samples (uint8 images [n, H, W, C] or float32 vectors [n, D]),
+labels [n] (-1 when unconditional), indices [n], seed} through a temporary
+name, fsync and rename, so a shard file is either complete or absent. A
+restarted job skips the shards present, after checking that `job.json` in the
+output directory describes the same job. Labels: sample i gets
+labels[i mod len(labels)] when labels are given, else i mod num_classes
+(balanced classes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusax.core import guidance, samplers
+from diffusax.parallel import mesh as mesh_lib
+from diffusax.sampling import generate
+
+STOCHASTIC = ("ddpm", "euler_maruyama", "pc")
+_SHARD = re.compile(r"^shard_(\d{6})\.npz$")
+
+
+class JobMismatch(ValueError):
+  """The output directory holds shards of a different job."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+  """What identifies the set of samples (written to job.json)."""
+  num_samples: int
+  shard_size: int
+  seed: int
+  method: str
+  num_steps: int
+  eta: float
+  guidance_scale: float
+  labels: tuple = ()              # explicit labels, cycled; () = balanced i mod num_classes
+  num_classes: int | None = None  # None: unconditional
+  checkpoint_step: int = -1
+  sample_shape: tuple = ()
+
+  @property
+  def num_shards(self) -> int:
+    return -(-self.num_samples // self.shard_size)
+
+  def per_sample_keys(self) -> bool:
+    return self.method in STOCHASTIC or (self.method == "ddim" and self.eta != 0.0)
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["labels"], d["sample_shape"] = list(self.labels), list(self.sample_shape)
+    return d
+
+
+def labels_for(spec: JobSpec, indices: np.ndarray) -> np.ndarray | None:
+  """int32 labels of the given global indices (None when unconditional)."""
+  if spec.num_classes is None:
+    return None
+  idx = np.asarray(indices, np.int64)
+  if spec.labels:
+    return np.asarray(spec.labels, np.int32)[idx % len(spec.labels)]
+  return (idx % spec.num_classes).astype(np.int32)
+
+
+def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: int | None) -> Callable:
+  """fn(params, indices [B] uint32, labels [B] int32 | None, scale) -> float32 samples [B, *shape]."""
+  from diffusax.nn import bridge
+  options = {"eta": spec.eta} if spec.method == "ddim" else {}
+  shape = tuple(spec.sample_shape)
+  base = jax.random.key(spec.seed)
+  k_noise, k_loop = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
+
+  def run(params, x_T, labels, scale, key):
+    denoise = bridge.denoiser(module, {"params": params})
+    if null_class is not None:
+      denoise = guidance.cfg(denoise, null_cond=null_class, scale=scale)
+    return samplers.sample(denoise, target, schedule, x_T, method=spec.method, num_steps=spec.num_steps,
+                           key=key, cond=labels, **options)
+
+  def fn(params, indices, labels, scale):
+    x_T = generate.initial_noise(k_noise, indices, shape, schedule.prior_std)
+    if not spec.per_sample_keys():
+      return run(params, x_T, labels, scale, k_loop)
+    one = lambda x, y, i: run(params, x[None], None if y is None else y[None], scale,
+                              jax.random.fold_in(k_loop, i))[0]
+    if labels is None:
+      return jax.vmap(lambda x, i: one(x, None, i))(x_T, indices)
+    return jax.vmap(one)(x_T, labels, indices)
+
+  return fn
+
+
+def to_storage(x: np.ndarray, is_image: bool) -> np.ndarray:
+  return generate.to_uint8(x) if is_image else np.asarray(x, np.float32)
+
+
+def shard_path(out_dir: str, k: int) -> str:
+  return os.path.join(out_dir, f"shard_{k:06d}.npz")
+
+
+def _fsync_dir(path: str) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def atomic_write(path: str, write: Callable) -> None:
+  """write(file) into a temporary name beside `path`, fsync, rename over `path`, fsync the folder."""
+  d, name = os.path.split(path)
+  tmp = os.path.join(d, f".{name}.tmp{os.getpid()}")
+  with open(tmp, "wb") as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  _fsync_dir(d)
+
+
+def done_shards(out_dir: str) -> set[int]:
+  return {int(m.group(1)) for f in os.listdir(out_dir) if (m := _SHARD.match(f))} if os.path.isdir(out_dir) else set()
+
+
+def prepare_dir(out_dir: str, spec: JobSpec) -> set[int]:
+  """Creates or checks `out_dir` (job.json), removes stale temporaries; returns the finished shards."""
+  os.makedirs(out_dir, exist_ok=True)
+  meta = os.path.join(out_dir, "job.json")
+  want = spec.to_json()
+  if os.path.exists(meta):
+    have = json.load(open(meta))
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff:
+      raise JobMismatch(f"{out_dir} holds samples of a different job (differs in {diff}: "
+                        + ", ".join(f"{k} {have.get(k)!r} there, {want.get(k)!r} now" for k in diff[:4])
+                        + "); use another sample.output_dir or remove it")
+  else:
+    atomic_write(meta, lambda f: f.write(json.dumps(want, indent=1).encode()))
+  for tmp in glob.glob(os.path.join(out_dir, ".shard_*.tmp*")):
+    os.remove(tmp)
+  return {k for k in done_shards(out_dir) if k < spec.num_shards}
+
+
+def _fmt(s: float) -> str:
+  s = int(max(s, 0))
+  return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_job(sample_fn: Callable, params, spec: JobSpec, out_dir: str, mesh, *, log=print,
+            is_image: bool = True) -> dict:
+  """Generates every missing shard of `spec` into out_dir; returns {"out_dir", "num_samples", "shards"}.
+
+  Multi-process: every process runs this with the same arguments; the shard
+  list is process 0's, inputs are split over the mesh, process 0 writes.
+  """
+  pid, nproc = jax.process_index(), jax.process_count()
+  done = prepare_dir(out_dir, spec) if pid == 0 else set()
+  if nproc > 1:
+    from jax.experimental import multihost_utils
+    flags = np.zeros(spec.num_shards, np.int32)
+    flags[list(done)] = 1
+    done = set(np.nonzero(multihost_utils.broadcast_one_to_all(flags))[0].tolist())
+  todo = [k for k in range(spec.num_shards) if k not in done]
+  ndev = mesh.devices.size
+  pad = -(-spec.shard_size // ndev) * ndev
+  local = pad // nproc
+  sh = mesh_lib.batch_sharding(mesh, 1)
+  out_sh = mesh_lib.batch_sharding(mesh, 1 + len(spec.sample_shape))
+  conditional = spec.num_classes is not None
+  fn = jax.jit(sample_fn, out_shardings=out_sh)
+  scale = jnp.float32(spec.guidance_scale)
+  have = sum(min(spec.shard_size, spec.num_samples - k * spec.shard_size) for k in done)
+  if done:
+    log(f"resuming: {len(done)}/{spec.num_shards} shards ({have} samples) already in {out_dir}")
+  t0, made = time.perf_counter(), 0
+  for k in todo:
+    lo, hi = k * spec.shard_size, min((k + 1) * spec.shard_size, spec.num_samples)
+    idx = np.arange(lo, lo + pad, dtype=np.uint32)
+    idx[hi - lo:] = hi - 1  # padding repeats the last index and is cropped
+    lab = labels_for(spec, idx)
+    part = slice(pid * local, (pid + 1) * local)
+    g_idx = jax.make_array_from_process_local_data(sh, idx[part])
+    g_lab = jax.make_array_from_process_local_data(sh, lab[part]) if conditional else None
+    x = fn(params, g_idx, g_lab, scale)
+    if nproc > 1:
+      from jax.experimental import multihost_utils
+      x = multihost_utils.process_allgather(x, tiled=True)
+    x = np.asarray(x)[:hi - lo]
+    if pid == 0:
+      data = {"samples": to_storage(x, is_image), "indices": idx[:hi - lo].astype(np.int64),
+              "labels": lab[:hi - lo] if conditional else np.full(hi - lo, -1, np.int32),
+              "seed": np.int64(spec.seed)}
+      atomic_write(shard_path(out_dir, k), lambda f: np.savez(f, **data))
+    made += hi - lo
+    have += hi - lo
+    rate = made / max(time.perf_counter() - t0, 1e-9)
+    bar = int(20 * have / spec.num_samples)
+    log(f"[{'#' * bar}{'.' * (20 - bar)}] {have}/{spec.num_samples} samples | shard {k + 1}/{spec.num_shards}"
+        f" | {rate:.1f} samples/s | ETA {_fmt((spec.num_samples - have) / max(rate, 1e-9))}")
+  return {"out_dir": out_dir, "num_samples": spec.num_samples, "shards": spec.num_shards}
+
+
+def load(out_dir: str) -> dict:
+  """All shards of a finished job in index order: {samples, labels, indices}. Raises if any is missing."""
+  spec = json.load(open(os.path.join(out_dir, "job.json")))
+  n = -(-spec["num_samples"] // spec["shard_size"])
+  missing = [k for k in range(n) if not os.path.exists(shard_path(out_dir, k))]
+  if missing:
+    raise FileNotFoundError(f"{out_dir}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} missing; "
+                            "run the sampling job again to finish it")
+  parts = [dict(np.load(shard_path(out_dir, k))) for k in range(n)]
+  out = {key: np.concatenate([p[key] for p in parts]) for key in ("samples", "labels", "indices")}
+  if not np.array_equal(out["indices"], np.arange(spec["num_samples"])):
+    raise ValueError(f"{out_dir}: shard indices are not 0..{spec['num_samples'] - 1}")
+  return out
+
+
+def digest(out_dir: str) -> str:
+  """sha256 over every shard's samples, labels and indices in index order."""
+  d = load(out_dir)
+  h = hashlib.sha256()
+  for key in ("samples", "labels", "indices"):
+    h.update(np.ascontiguousarray(d[key]).tobytes())
+  return h.hexdigest()
+
+
+def write_grid(out_dir: str, per_class: int, num_classes: int | None, is_image: bool) -> str:
+  """samples.png: per_class samples of each class in one row per class (images), or a density image."""
+  d = load(out_dir)
+  path = os.path.join(out_dir, "samples.png")
+  if not is_image:
+    img = generate.scatter_image(d["samples"])
+  elif num_classes:
+    rows = [d["samples"][d["labels"] == c][:per_class] for c in range(num_classes)]
+    rows = [r for r in rows if len(r)]
+    cols = max(len(r) for r in rows)
+    rows = [np.concatenate([r, np.full((cols - len(r),) + r.shape[1:], 255, np.uint8)]) for r in rows]
+    img = generate.image_grid(np.concatenate(rows), len(rows), upscale=max(1, 64 // d["samples"].shape[1]))
+  else:
+    x = d["samples"][:per_class * per_class]
+    img = generate.image_grid(x, max(1, -(-len(x) // per_class)), upscale=max(1, 64 // x.shape[1]))
+  generate.save_png(path, img)
+  return path
