@@ -47,8 +47,8 @@ def _sampler(model: Model, t_at, kind: str, eta=None, variance: str = "small") -
     if kind == "ddim":
       c_eps = lv.sigma_next * jnp.sqrt(jnp.maximum(1.0 - eta * eta * r, 0.0))
       std = jnp.sqrt(eta * eta * s2 * r)
-      z = driver.noise(driver.step_key(state.key, i), state.x.shape, (eta > 0) & ~lv.last)
-      return state._replace(x=lv.alpha_next * x0 + c_eps * eps + std * z)
+      x = driver.add_noise(lv.alpha_next * x0 + c_eps * eps, std, (eta > 0) & ~lv.last, state.key, i)
+      return state._replace(x=x)
     c_eps = lv.sigma_next * jnp.sqrt(jnp.maximum(1.0 - r, 0.0))
     small, large = s2 * r, lv.sigma ** 2 * r
     if v is not None:

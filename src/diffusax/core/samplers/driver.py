@@ -12,6 +12,20 @@ scan allowed by the design: a scan has a static length and would pay for padded
 steps); the time of step i is computed from (i, n), so a new n or any traced
 option (eta, churn, guidance scale) reuses the compiled loop. Random draws of
 step i use `jax.random.fold_in(key, i)` (sub-draws fold in again).
+
+Keep `lax.cond` out of the loop body where possible: on XLA:CPU a cond splits
+the step's elementwise fusion at its operands and results, so they are written
+to and read back from memory every step (Heun's "no corrector on the last
+step" cond made it 2.7-4x a bare scan at 64x32x32x3). Hence:
+
+  * A sampler whose last step differs in control flow (Heun: one model call
+    there, not two) also gives `step_at(state, i, last)` with `last` a static
+    Python bool. `run` loops `step_at(., i, False)` over i < n - 1 and calls
+    `step_at(., n - 1, True)` once after the loop: no branch on "last" inside
+    the loop (the step is traced twice, the program is still compiled once).
+    `step(state, i)` stays valid for every i, for wrappers such as inpainting.
+  * A draw switched by a traced option (churn, eta) goes through `add_noise`,
+    whose skipped branch passes x through untouched.
 """
 from __future__ import annotations
 
@@ -33,8 +47,9 @@ class State(NamedTuple):
 
 class Sampler(NamedTuple):
   init: Callable      # (x_T, key, n) -> State
-  step: Callable      # (State, i) -> State
+  step: Callable      # (State, i) -> State, any 0 <= i < n (wrappers call this one)
   levels: Callable    # (State, i) -> grid.Levels
+  step_at: Optional[Callable] = None  # (State, i, last: static bool) -> State; lets `run` peel the last step
 
 
 def init_state(x_T, key, n, aux=()) -> State:
@@ -46,11 +61,37 @@ def step_key(key, i, sub=None):
   return k if sub is None else jax.random.fold_in(k, sub)
 
 
-def noise(key, shape, enabled=None):
-  """N(0, I) of `shape`; with `enabled` (a traced bool) the draw is skipped by lax.cond when False."""
-  if enabled is None:
-    return jax.random.normal(key, shape, F32)
-  return jax.lax.cond(enabled, lambda: jax.random.normal(key, shape, F32), lambda: jnp.zeros(shape, F32))
+def noise(key, shape):
+  """N(0, I) of `shape`, float32."""
+  return jax.random.normal(key, shape, F32)
+
+
+def add_noise(x, scale, enabled, key, i, sub=None):
+  """x + scale * z, z ~ N(0, I) from step_key(key, i, sub), when the traced bool `enabled`; else x, no draw.
+
+  The key derivation and the draw sit inside the cond's true branch and the
+  false branch passes x through, which XLA aliases: a skipped draw costs no
+  buffer. (Making z itself the cond's result, zeros when disabled, writes and
+  reads a full buffer every step and splits the step's fusion in two.)
+  """
+  return jax.lax.cond(enabled, lambda y: y + scale * noise(step_key(key, i, sub), y.shape), lambda y: y, x)
+
+
+def reciprocal(s):
+  """1 / s of a scalar, kept a scalar: `x * reciprocal(s)` stays one multiply per element.
+
+  XLA folds x * (1 / s) back into x / s, and an elementwise divide costs several times a
+  multiply (on the CPU here one divide over 64x32x32x3 took about as long as the rest of
+  an Euler step); the optimization barrier stops that fold.
+  """
+  return jax.lax.optimization_barrier(1.0 / s)
+
+
+def branch(pred, on_true: Callable, on_false: Callable):
+  """lax.cond(pred, on_true, on_false), or just the taken branch when pred is a static Python bool."""
+  if isinstance(pred, (bool, np.bool_)):
+    return on_true() if pred else on_false()
+  return jax.lax.cond(pred, on_true, on_false)
 
 
 def _concrete_int(n) -> Optional[int]:
@@ -94,16 +135,25 @@ def run(sampler: Sampler, x_T, key, num_steps, *, return_trajectory: bool = Fals
   out_dtype = x_T.dtype if jnp.issubdtype(x_T.dtype, jnp.floating) else F32
   n, max_steps = check_num_steps(num_steps, max_steps, need_max=return_trajectory)
   state = sampler.init(x_T, key, n)
+  if sampler.step_at is None:
+    step, stop = sampler.step, n
+  else:
+    step, stop = (lambda s, i: sampler.step_at(s, i, False)), n - 1
   if not return_trajectory:
-    state = jax.lax.fori_loop(0, n, lambda i, s: sampler.step(s, i), state)
+    state = jax.lax.fori_loop(0, stop, lambda i, s: step(s, i), state)
+    if sampler.step_at is not None:
+      state = sampler.step_at(state, n - 1, True)
     return state.x.astype(out_dtype)
   traj = jnp.zeros((max_steps + 1,) + state.x.shape, F32).at[0].set(state.x)
 
   def body(i, carry):
     s, tr = carry
-    s = sampler.step(s, i)
+    s = step(s, i)
     return s, jax.lax.dynamic_update_index_in_dim(tr, s.x, i + 1, 0)
-  state, traj = jax.lax.fori_loop(0, n, body, (state, traj))
+  state, traj = jax.lax.fori_loop(0, stop, body, (state, traj))
+  if sampler.step_at is not None:
+    state = sampler.step_at(state, n - 1, True)
+    traj = jax.lax.dynamic_update_index_in_dim(traj, state.x, n, 0)
   k = jnp.arange(max_steps + 1).reshape((-1,) + (1,) * state.x.ndim)
   traj = jnp.where(k > n, state.x[None], traj)
   return state.x.astype(out_dtype), traj.astype(out_dtype)

@@ -16,7 +16,6 @@ the same probability-flow ODE written in t), but is designed for `Flow`.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from diffusax.core.samplers import driver, grid
@@ -39,8 +38,8 @@ def _sampler(model: Model, heun: bool, *, spacing: str = "trailing", t_min=None,
     x0, eps, _ = model.predict(x, t)
     return schedule.d_alpha(t) * x0 + schedule.d_sigma(t) * eps, x0
 
-  def step(state, i):
-    lv = levels(state, i)
+  def step(state, i, last=None):
+    lv = grid.levels(schedule, t_at, i, state.n, last)
     u, x0 = velocity(state.x, lv.t)
     dt = lv.t_next - lv.t
     x_next = state.x + dt * u
@@ -48,12 +47,13 @@ def _sampler(model: Model, heun: bool, *, spacing: str = "trailing", t_min=None,
       def correct():
         u1, _ = velocity(x_next, lv.t_next)
         return state.x + dt * 0.5 * (u + u1)
-      x_next = jax.lax.cond(lv.last, lambda: x0, correct)
+      x_next = driver.branch(lv.last, lambda: x0, correct)
     else:
       x_next = jnp.where(lv.last, x0, x_next)
     return state._replace(x=x_next)
 
-  return driver.Sampler(init, step, levels)
+  # Heun's last step skips the corrector: `run` peels it off the loop (see `driver`).
+  return driver.Sampler(init, lambda s, i: step(s, i), levels, step if heun else None)
 
 
 def flow_euler(model: Model, **options):

@@ -99,16 +99,25 @@ class Levels(NamedTuple):
   alpha_next: jnp.ndarray
   sigma_next: jnp.ndarray
   log_snr_next: jnp.ndarray  # meaningless when last (it is +inf there)
-  last: jnp.ndarray          # bool: i == n - 1
+  last: jnp.ndarray          # bool: i == n - 1 (a Python bool when given statically)
 
 
-def levels(schedule: Schedule, t_at: Callable, i, n) -> Levels:
-  """Levels of step i of n; at the last step alpha_next = 1, sigma_next = 0."""
-  last = jnp.asarray(i) >= jnp.asarray(n) - 1
+def levels(schedule: Schedule, t_at: Callable, i, n, last=None) -> Levels:
+  """Levels of step i of n; at the last step alpha_next = 1, sigma_next = 0.
+
+  last: None (computed from i, n as a traced bool) or a static Python bool the
+  caller knows (`driver.run` peeling the last step); then no select on it is emitted.
+  """
   t = t_at(i, n)
-  t_next = t_at(jnp.minimum(i + 1, n - 1), n)
   a, s, l = schedule.alpha(t), schedule.sigma(t), schedule.log_snr(t)
+  zero, one = jnp.zeros((), F32), jnp.ones((), F32)
+  if last is True:
+    return Levels(t, zero, a, s, l, one, zero, jnp.full((), jnp.inf, F32), True)
+  if last is False:
+    t_next = t_at(i + 1, n)
+    return Levels(t, t_next, a, s, l, schedule.alpha(t_next), schedule.sigma(t_next), schedule.log_snr(t_next), False)
+  last = jnp.asarray(i) >= jnp.asarray(n) - 1
+  t_next = t_at(jnp.minimum(i + 1, n - 1), n)
   a_n, s_n, l_n = schedule.alpha(t_next), schedule.sigma(t_next), schedule.log_snr(t_next)
-  one = jnp.ones((), F32)
   return Levels(t, jnp.where(last, 0.0, t_next), a, s, l,
-                jnp.where(last, one, a_n), jnp.where(last, 0.0 * one, s_n), jnp.where(last, jnp.inf, l_n), last)
+                jnp.where(last, one, a_n), jnp.where(last, zero, s_n), jnp.where(last, jnp.inf, l_n), last)
