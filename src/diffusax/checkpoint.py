@@ -87,11 +87,14 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                replicated_sharding=None, log: Callable[[str], None] = print):
     self.directory = os.path.abspath(directory)
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                        enable_async_checkpointing=async_save)
+    # Step folders are created synchronously: a failure to create one (read-only disk) then raises in
+    # save() itself, instead of leaving orbax's commit thread waiting minutes for a folder that never comes.
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
-    except OSError as e:
+    except (OSError, ValueError) as e:
       raise CheckpointSaveError(f"cannot use checkpoint directory {self.directory}: {_one_line(e)}") from None
     self._audit = integrity.make_audit(replicated_sharding)
     self._log = log
@@ -109,15 +112,15 @@ class Checkpointer:
     return integrity.audit(state, self._audit)
 
   def _failed(self, step: int, e: BaseException) -> CheckpointSaveError:
-    good = f"step {self._last_good}" if self._last_good is not None else "none"
-    return CheckpointSaveError(
-        f"could not write checkpoint step {step} in {self.directory}: {_one_line(e)}. "
-        f"The last good checkpoint ({good}) is intact; fix the disk (space, permissions) and run again to "
-        "resume from it.")
+    good = (f"The last good checkpoint (step {self._last_good}) is intact; fix the disk (space, permissions) "
+            "and run again to resume from it." if self._last_good is not None else
+            "No checkpoint has been written in this directory; fix the disk (space, permissions) and run again.")
+    return CheckpointSaveError(f"could not write checkpoint step {step} in {self.directory}: {_one_line(e)}. {good}")
 
   def save(self, step: int, state, meta: dict) -> None:
     """Checks finiteness, records checksums in meta, then saves (async when configured)."""
     step = int(step)
+    self._confirm()  # The previous save must have succeeded before this one counts on it.
     checks, bad = self.audit(state)
     if bad:
       raise NonFiniteState(f"the state at step {step} has non-finite values (first in {bad[0]}"
@@ -125,7 +128,6 @@ class Checkpointer:
                            + "); it was not saved. Lower the learning rate or check the data; "
                            f"the last good checkpoint is step {self._last_good}.")
     meta = {**meta, "checksums": checks, "checksum_method": integrity.METHOD}
-    self._confirm()
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)

@@ -274,14 +274,18 @@ def train_and_evaluate(s: Settings, workdir: str, devices=None) -> dict:
   s = u.s
   os.makedirs(workdir, exist_ok=True)
   logger = Logger(workdir, enabled=jax.process_index() == 0)
-  ckpt = open_checkpointer(u, workdir, logger)
+  ckpt = None
   try:
+    ckpt = open_checkpointer(u, workdir, logger)
     return _train_loop(u, workdir, logger, ckpt)
-  except ckpt_lib.CheckpointError:
-    try:  # Leave orbax's background writer without raising the same failure again.
-      ckpt.manager.close()
-    except Exception:  # noqa: BLE001
-      pass
+  except BaseException:
+    # Stop the background writers (orbax, the event file) so the process can exit with the error
+    # instead of hanging on their threads; a failed save is not retried.
+    if ckpt is not None:
+      try:
+        ckpt.manager.close()
+      except Exception:  # noqa: BLE001 - the same failure again.
+        pass
     logger.close()
     raise
 
