@@ -7,7 +7,7 @@
 # Environment: PYTHON (default: python), PORT (coordinator port; default: a free one),
 # CPU_DEVICES_PER_PROCESS (default 1). All processes share the workdir: checkpoints are written
 # collectively, logs, metrics and sample grids only by process 0. SIGINT/SIGTERM to this script are
-# forwarded to every process (each finishes its step, they save together and exit 0).
+# forwarded to every process as SIGTERM (JAX's preemption sync picks one step; all save it and exit 0).
 set -euo pipefail
 if [[ $# -lt 1 || ! $1 =~ ^[0-9]+$ ]]; then
   echo "usage: $0 NUM_PROCESSES [diffusax.main flags...]" >&2; exit 2
@@ -21,7 +21,7 @@ flags=$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count
 pids=()
 forward() { kill -s "$1" "${pids[@]}" 2>/dev/null || true; }
 trap 'forward TERM' TERM
-trap 'forward INT' INT
+trap 'forward TERM' INT   # Ctrl-C: a preemption notice, so all stop at the same step.
 for ((i = 0; i < n; i++)); do
   JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$n" JAX_PROCESS_ID="$i" JAX_PLATFORMS=cpu \
     XLA_FLAGS="$flags --xla_force_host_platform_device_count=$devs" \

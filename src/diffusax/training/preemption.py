@@ -4,11 +4,14 @@ The handler only sets a flag; the loop reads it (a Python bool, no device sync)
 after each step, saves a checkpoint, waits for it and returns, so the process
 exits 0 and the next start resumes from that step.
 
-Multi-process: a signal may reach only some processes, and all must stop at the
-same step to write the checkpoint together. There the loop also asks JAX's
-preemption sync service (`multihost_utils.reached_preemption_sync_point`, fed by
-SIGTERM to any process) and stops when it says so; a SIGINT must reach every
-process (as Ctrl-C under srun or launch/local_multiprocess.sh does).
+Multi-process: a signal may reach only some processes, or reach them during
+different steps, and all must stop at the same step to write the checkpoint
+together. There no handler is installed: the loop asks JAX's preemption sync
+service (`multihost_utils.reached_preemption_sync_point`, fed by SIGTERM to any
+process) and all stop at the step it agrees on. SIGINT keeps its default
+(KeyboardInterrupt: the run stops without saving and resumes from the last
+checkpoint); launch/local_multiprocess.sh turns a Ctrl-C into SIGTERM.
+(The multi-process path is not covered by the tests.)
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ class StopRequest:
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       for s in SIGNALS:
-        if self._multi and s == signal.SIGTERM:
+        if self._multi:
           continue  # Left to JAX's preemption notifier (see module doc).
         self._old[s] = signal.signal(s, self._handle)
     return self
