@@ -18,7 +18,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config(); "
                                 "override keys with --config.KEY=VALUE.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and metrics.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
+                  "train; sample (resumable sample shards from a checkpoint); eval (metrics JSON of a checkpoint).")
 
 # XLA:CPU flag that sends convolutions and dots to Eigen instead of the default YNN fusions:
 # measured ~2x faster U-Net train steps on a 2-core AVX2 machine (see benchmarks/README.md).
@@ -74,6 +75,12 @@ def main(argv) -> None:
     if FLAGS.mode == "train":
       from diffusax.programs import train
       train.train_and_evaluate(s, FLAGS.workdir)
+    elif FLAGS.mode == "sample":
+      from diffusax.programs import sample
+      sample.run(s, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+      from diffusax.programs import evaluate
+      evaluate.run(s, FLAGS.workdir)
   except settings_lib.ConfigError as e:
     _error(str(e))
   except Exception as e:  # Known, user-facing failures from deeper layers.

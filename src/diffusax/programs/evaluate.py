@@ -1,0 +1,173 @@
+"""The evaluation program (`--mode=eval`): metrics of a checkpoint's EMA params, as JSON and TensorBoard.
+
+    python -m diffusax.main --config=configs/digits.py --workdir=runs/digits --mode=eval \
+        --config.sample.guidance_scale=2
+
+Metrics (eval.metrics):
+  fd, kid          Fréchet distance and KID of eval.num_samples generated samples against real
+                   data, on the digits classifier's features (embedded digits; reference: half A of
+                   the real digits, with half B's distance to A as the real-data baseline) or on
+                   Inception-v3 pool features (eval.inception_weights; reference: the eval split);
+  class_accuracy   the share of class-conditional samples the classifier assigns to their label;
+  bpd_vlb          bits/dim by the discrete VLB (core.likelihood; discretised decoder for 8-bit data);
+  bpd_ode          bits/dim by the PF-ODE with Hutchinson's trace and uniform dequantisation.
+Likelihoods use the first eval.bpd_examples of data.eval_split, without labels (the null class of a
+CFG-trained model). Samples come from the resumable sampling job (WORKDIR/eval/samples_...), so an
+interrupted evaluation reuses the finished shards. Results go to WORKDIR/eval/eval_<step>.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusax.core import likelihood
+from diffusax.core.samplers import Model
+from diffusax.data import pipeline
+from diffusax.evaluation import distances
+from diffusax.evaluation import ode_likelihood as ode
+from diffusax.programs import sample as sample_prog
+from diffusax.programs import train
+from diffusax.programs.logs import Logger
+from diffusax.programs.settings import ConfigError, Settings
+from diffusax.sampling import job as job_lib
+
+
+def feature_kind(s: Settings) -> str:
+  kind = s.eval.features
+  if kind == "auto":
+    kind = "digits" if s.data.name == "sklearn_digits" else "inception"
+  if kind == "digits" and s.data.name != "sklearn_digits":
+    raise ConfigError(f"eval.features='digits' needs data.name='sklearn_digits', got {s.data.name!r}")
+  if kind == "inception" and not s.eval.inception_weights:
+    raise ConfigError("fd/kid on this dataset need Inception features: set eval.inception_weights to the FID "
+                      "Inception weights file (pt_inception-2015-12-05-6726825d.pth), or drop fd/kid from "
+                      "eval.metrics")
+  return kind
+
+
+def _sample_metrics(u: train.Setup, params, step: int, workdir: str, logger: Logger) -> tuple[dict, dict]:
+  s, ev = u.s, u.s.eval
+  spec = sample_prog.job_spec(u, step, num_samples=ev.num_samples)
+  out_dir = os.path.join(workdir, "eval", os.path.basename(sample_prog.default_out_dir(workdir, spec))
+                         + f"_n{spec.num_samples}")
+  sample_prog.generate(u, params, spec, out_dir, logger)
+  gen = job_lib.load(out_dir)
+  m, extra = {}, {"samples_dir": out_dir}
+  want = set(ev.metrics)
+  kind = feature_kind(s) if want & {"fd", "kid"} else ("digits" if s.data.name == "sklearn_digits" else None)
+  if kind == "digits":
+    from diffusax.evaluation import digits_classifier as dc
+    cparams, info = dc.load_or_train(s.data.data_dir, log=logger.info)
+    extra["classifier"] = {k: info[k] for k in ("version", "seed", "steps", "test_accuracy")}
+    logits, feats = dc.apply(cparams, gen["samples"])
+    half_a, half_b = dc.real_halves(s.data.data_dir)
+    fa, fb = dc.apply(cparams, half_a)[1], dc.apply(cparams, half_b)[1]
+    if "fd" in want:
+      m["fd_digits"] = distances.frechet_distance_from_features(feats, fa)
+      m["fd_digits_real_baseline"] = distances.frechet_distance_from_features(fb, fa)
+    if "kid" in want:
+      m["kid_digits"] = distances.kid(feats, fa, subset_size=ev.kid_subset_size)[0]
+      m["kid_digits_real_baseline"] = distances.kid(fb, fa, subset_size=ev.kid_subset_size)[0]
+    if "class_accuracy" in want and spec.num_classes:
+      m["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == gen["labels"]))
+  elif kind == "inception":
+    from diffusax.evaluation import inception
+    net = inception.load_fid_inception(ev.inception_weights)
+    real = _real_images(s, s.data.eval_split or s.data.split)
+    if "fd" in want or "kid" in want:
+      fg, fr = net.pool_features(gen["samples"]), net.pool_features(real)
+      if "fd" in want:
+        m["fid"] = distances.frechet_distance_from_features(fg, fr)
+      if "kid" in want:
+        m["kid"] = distances.kid(fg, fr, subset_size=ev.kid_subset_size)[0]
+  return m, extra
+
+
+def _real_images(s: Settings, split: str, limit: int | None = None) -> np.ndarray:
+  try:
+    src = pipeline.open_source(s.data.name, split, s.data.data_dir)
+  except (pipeline.DataError, ValueError) as e:
+    raise ConfigError(f"eval: {e}") from None
+  n = len(src) if limit is None else min(limit, len(src))
+  batch = src.__getitems__(np.arange(n) if isinstance(src, pipeline.ArraySource) else list(range(n)))
+  batch = pipeline._as_arrays(batch)
+  return np.asarray(batch["image"] if "image" in batch else batch["x"])
+
+
+def _likelihood_metrics(u: train.Setup, params) -> dict:
+  s, ev = u.s, u.s.eval
+  from diffusax.nn import bridge
+  data = _real_images(s, s.data.eval_split or s.data.split, ev.bpd_examples)
+  is_8bit = data.dtype == np.uint8
+  null = s.loss.null_class
+  cond = None if null is None else jnp.full((len(data),), null, jnp.int32)
+  denoise = bridge.denoiser(u.module, {"params": params})
+  target, sched = s.loss.target, u.schedule
+  d = int(np.prod(data.shape[1:]))
+  t_max = ode.default_t_max(sched, target)
+  key = jax.random.fold_in(jax.random.key(s.sample.seed), 0xB9D)
+  m = {}
+  if "bpd_vlb" in ev.metrics:
+    x0 = jnp.asarray(data, jnp.float32) / 127.5 - 1.0 if is_8bit else jnp.asarray(data, jnp.float32)
+    grid = (likelihood.ddpm_grid(sched) if hasattr(sched, "num_steps")
+            else ode.time_grid(sched, ev.vlb_steps, ev.t_min, t_max))
+    model = Model(denoise, target, sched, cond)
+    fn = jax.jit(lambda x, k: likelihood.vlb_terms(sched, lambda xt, t: model.predict(xt, t[0])[0], x, k, grid,
+                                                   decoder="discretized" if is_8bit else "gaussian")["total"])
+    m["bpd_vlb"] = float(jnp.mean(likelihood.bits_per_dim(fn(x0, jax.random.fold_in(key, 0)), d)))
+  if "bpd_ode" in ev.metrics:
+    k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
+    x = ode.dequantize(data, k1) if is_8bit else jnp.asarray(data, jnp.float32)
+    fn = jax.jit(lambda x, k: ode.ode_log_likelihood(denoise, target, sched, x, k, cond=cond,
+                                                     num_steps=ev.ode_steps, solver=ev.ode_solver,
+                                                     divergence=ev.hutchinson, t_min=ev.t_min, t_max=t_max)[0])
+    m["bpd_ode"] = float(jnp.mean(ode.bits_per_dim(fn(x, k2), d, dequantized=is_8bit)))
+  return m
+
+
+def evaluate_params(u: train.Setup, params, step: int, workdir: str, logger: Logger) -> dict:
+  """Every metric of eval.metrics for `params`; writes WORKDIR/eval/eval_<step>.json and TensorBoard scalars.
+
+  The training program can call this at its eval interval with the EMA params.
+  """
+  s, ev = u.s, u.s.eval
+  t0 = time.perf_counter()
+  metrics, extra = {}, {}
+  if set(ev.metrics) & {"fd", "kid", "class_accuracy"}:
+    m, extra = _sample_metrics(u, params, step, workdir, logger)
+    metrics.update(m)
+  if set(ev.metrics) & {"bpd_vlb", "bpd_ode"}:
+    metrics.update(_likelihood_metrics(u, params))
+  result = {"step": step, "metrics": metrics, "num_samples": ev.num_samples,
+            "sampler": {"method": s.sample.method, "num_steps": s.sample.num_steps,
+                        "guidance_scale": s.sample.guidance_scale, "eta": s.sample.eta, "seed": s.sample.seed},
+            "likelihood": {"examples": ev.bpd_examples, "split": s.data.eval_split or s.data.split,
+                           "vlb_steps": ev.vlb_steps, "ode_steps": ev.ode_steps, "ode_solver": ev.ode_solver,
+                           "hutchinson": ev.hutchinson, "t_min": ev.t_min},
+            "seconds": round(time.perf_counter() - t0, 1), **extra}
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "eval", f"eval_{step:07d}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    job_lib.atomic_write(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    result["path"] = path
+  logger.scalars({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}, step)
+  logger.info(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+  return result
+
+
+def run(s: Settings, workdir: str) -> dict:
+  u = train.setup(s)
+  if set(u.s.eval.metrics) & {"fd", "kid"}:
+    feature_kind(u.s)  # Refuse a missing weights file before loading anything.
+  logger = Logger(workdir, enabled=jax.process_index() == 0)
+  try:
+    params, step = sample_prog.restore_ema(u, workdir, u.s.sample.checkpoint_step, logger)
+    return evaluate_params(u, params, step, workdir, logger)
+  finally:
+    logger.close()

@@ -1,0 +1,135 @@
+"""Feature distances (Fréchet, KID), the digits evaluation classifier and `--mode=eval` end to end."""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from diffusax.evaluation import distances
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+
+def _random_cov(rng, d, scale=1.0):
+  a = rng.standard_normal((d, d)) * scale
+  return a @ a.T / d + 0.1 * np.eye(d)
+
+
+# ---------------------------------------------------------------------------
+# Fréchet distance.
+
+def test_fd_of_a_set_with_itself_is_zero():
+  rng = np.random.default_rng(0)
+  f = rng.standard_normal((500, 64)) * 3 + 100.0  # a large common offset must not hurt
+  assert distances.frechet_distance_from_features(f, f) < 1e-8 * np.trace(np.cov(f.T))
+
+
+def test_fd_closed_form_for_two_gaussians():
+  rng = np.random.default_rng(1)
+  d = 16
+  m1, m2 = rng.standard_normal(d), rng.standard_normal(d)
+  c1, c2 = _random_cov(rng, d), _random_cov(rng, d, 2.0)
+  # Reference: the definition with scipy's general matrix square root.
+  ref = (np.sum((m1 - m2) ** 2) + np.trace(c1) + np.trace(c2)
+         - 2 * np.trace(scipy.linalg.sqrtm(c1 @ c2)).real)
+  assert distances.frechet_distance(m1, c1, m2, c2) == pytest.approx(ref, rel=1e-9)
+  # Commuting (diagonal) covariances: sum (sqrt(a) - sqrt(b))^2 + |m1 - m2|^2.
+  a, b = rng.uniform(0.1, 2, d), rng.uniform(0.1, 2, d)
+  want = np.sum((m1 - m2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+  assert distances.frechet_distance(m1, np.diag(a), m2, np.diag(b)) == pytest.approx(want, rel=1e-12)
+  # Rank-deficient covariances (fewer vectors than dimensions) stay finite and >= 0.
+  low = rng.standard_normal((d, 3))
+  assert distances.frechet_distance(m1, low @ low.T, m1, np.zeros((d, d))) == pytest.approx(
+      np.trace(low @ low.T), rel=1e-9)
+
+
+def test_fd_from_samples_converges_to_closed_form():
+  rng = np.random.default_rng(2)
+  d, n = 8, 200_000
+  m1, m2 = np.zeros(d), np.full(d, 0.5)
+  c1, c2 = _random_cov(rng, d), _random_cov(rng, d)
+  x = rng.multivariate_normal(m1, c1, n)
+  y = rng.multivariate_normal(m2, c2, n)
+  st = distances.feature_stats(x, batch_size=50_000)
+  np.testing.assert_allclose(st.cov, np.cov(x.T), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(st.mu, x.mean(0), atol=1e-6)
+  want = distances.frechet_distance(m1, c1, m2, c2)
+  assert distances.frechet_distance_from_features(x, y) == pytest.approx(want, rel=0.02)
+
+
+# ---------------------------------------------------------------------------
+# KID.
+
+def test_kid_is_unbiased_on_small_sets():
+  """Mean of many 10-vector estimates = the large-set value (0 for equal distributions)."""
+  rng = np.random.default_rng(3)
+  d, m, reps = 4, 10, 2000
+  draw_p = lambda n: rng.standard_normal((n, d))
+  draw_q = lambda n: rng.standard_normal((n, d)) * 1.2 + 0.3
+  same = np.array([distances.mmd2_unbiased(draw_p(m), draw_p(m)) for _ in range(reps)])
+  assert abs(same.mean()) < 4 * same.std() / math.sqrt(reps)
+  diff = np.array([distances.mmd2_unbiased(draw_p(m), draw_q(m)) for _ in range(reps)])
+  big = np.mean([distances.mmd2_unbiased(draw_p(4000), draw_q(4000)) for _ in range(3)])
+  assert big > 0.1
+  assert abs(diff.mean() - big) < 4 * diff.std() / math.sqrt(reps) + 0.02 * big
+  # The biased (V-statistic) estimate would be far off at m = 10: the diagonal terms add ~ 2 E k(x, x) / m.
+  mean, std = distances.kid(draw_p(50), draw_q(50), num_subsets=20, subset_size=10)
+  assert np.isfinite(mean) and std > 0
+
+
+# ---------------------------------------------------------------------------
+# The digits classifier and --mode=eval.
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def test_digits_classifier_is_cached_and_accurate(data_dir):
+  from diffusax.evaluation import digits_classifier as dc
+  p1, info = dc.load_or_train(data_dir)
+  assert info["test_accuracy"] > 0.97, info
+  assert os.path.exists(dc.cache_path(data_dir))
+  p2, info2 = dc.load_or_train(data_dir, log=lambda m: pytest.fail(f"retrained: {m}"))
+  import jax
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  a, b = dc.real_halves(data_dir)
+  assert len(a) + len(b) == 1797 and abs(len(a) - len(b)) <= 1
+  logits, feats = dc.apply(p1, a[:7])
+  assert logits.shape == (7, 10) and feats.shape == (7, dc.FEATURE_DIM)
+
+
+def test_eval_mode_on_tiny_digits_unet(data_dir, tmp_path):
+  import subprocess
+  wd = str(tmp_path / "digits")
+  common = ["--config=configs/digits.py", f"--workdir={wd}", f"--config.data.data_dir={data_dir}",
+            "--config.model.kwargs.base_channels=8", "--config.model.kwargs.num_groups=4",
+            "--config.train.batch_size=16", "--config.train.num_steps=4", "--config.train.log_every=2",
+            "--config.train.eval_batches=1", "--config.sample.num_steps=3", "--config.sample.per_class=2"]
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  run = lambda extra: subprocess.run([sys.executable, "-m", "diffusax.main", *common, *extra], capture_output=True,
+                                     text=True, env=env, cwd=ROOT, timeout=600)
+  r = run([])
+  assert r.returncode == 0, r.stderr[-2000:]
+  r = run(["--mode=eval", "--config.eval.num_samples=40", "--config.sample.shard_size=24",
+           "--config.eval.bpd_examples=8", "--config.eval.vlb_steps=6", "--config.eval.ode_steps=3",
+           "--config.eval.ode_solver=euler",
+           "--config.sample.guidance_scale=2.0"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.load(open(os.path.join(wd, "eval", "eval_0000004.json")))
+  m = out["metrics"]
+  assert set(m) == {"fd_digits", "fd_digits_real_baseline", "kid_digits", "kid_digits_real_baseline",
+                    "class_accuracy", "bpd_vlb", "bpd_ode"}, m
+  assert all(np.isfinite(v) for v in m.values())
+  assert m["fd_digits"] > m["fd_digits_real_baseline"] > 0  # 4 training steps: far from the data
+  assert 0 <= m["class_accuracy"] <= 1 and m["bpd_vlb"] > 0 and m["bpd_ode"] > 0
+  assert out["step"] == 4 and out["num_samples"] == 40 and out["sampler"]["guidance_scale"] == 2.0
+  assert os.listdir(os.path.join(wd, "tb"))
+  # Refusals are one clean line.
+  r = run(["--mode=eval", "--config.eval.metrics=('fd', 'psnr')"])
+  assert r.returncode == 2 and "unknown eval.metrics ['psnr']" in r.stderr and "Traceback" not in r.stderr
