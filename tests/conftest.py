@@ -13,3 +13,40 @@ if "xla_cpu_experimental_ynn_fusion_type" not in _flags:
   _flags += " --xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory):
+  """The embedded default (digits U-Net, class-conditional, CFG grid) trained for 4 steps on a tiny network.
+
+  Shared by the training-program and evaluation tests: one U-Net compile for both.
+  Returns dict(data_dir, workdir, result, args) where `args` are the equivalent
+  command-line overrides for `python -m diffusax.main`.
+  """
+  import sys
+  root = tmp_path_factory.mktemp("tiny_digits")
+  data_dir, wd = str(root / "tfds"), str(root / "run")
+  over = {"model.kwargs.base_channels": 8, "model.kwargs.channel_mult": (1, 2),
+          "model.kwargs.attn_resolutions": (4,), "model.kwargs.num_groups": 4, "train.batch_size": 16,
+          "train.num_steps": 4, "train.log_every": 2, "train.eval_batches": 1, "sample.num_steps": 3,
+          "sample.per_class": 2, "sample.guidance_scale": 2.0}
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+  import digits as digits_config
+  from diffusax.programs import settings as settings_lib
+  from diffusax.programs import train
+  c = digits_config.get_config()
+  c.data.data_dir = data_dir
+  for k, v in over.items():
+    a, b = k.rsplit(".", 1)
+    node = c
+    for part in a.split("."):
+      node = node[part]
+    node[b] = v
+  result = train.train_and_evaluate(settings_lib.parse(c), wd)
+  fmt = lambda v: repr(tuple(v)) if isinstance(v, tuple) else str(v)
+  args = ["--config=configs/digits.py", f"--workdir={wd}", f"--config.data.data_dir={data_dir}"] + \
+      [f"--config.{k}={fmt(v)}" for k, v in over.items()]
+  return {"data_dir": data_dir, "workdir": wd, "result": result, "args": args}

@@ -85,8 +85,8 @@ def test_kid_is_unbiased_on_small_sets():
 # The digits classifier and --mode=eval.
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+def data_dir(tiny_digits):
+  return tiny_digits["data_dir"]  # Shared, so the cached classifier is trained once for --mode=eval too.
 
 
 def test_digits_classifier_is_cached_and_accurate(data_dir):
@@ -104,18 +104,12 @@ def test_digits_classifier_is_cached_and_accurate(data_dir):
   assert logits.shape == (7, 10) and feats.shape == (7, dc.FEATURE_DIM)
 
 
-def test_eval_mode_on_tiny_digits_unet(data_dir, tmp_path):
+def test_eval_mode_on_tiny_digits_unet(tiny_digits):
   import subprocess
-  wd = str(tmp_path / "digits")
-  common = ["--config=configs/digits.py", f"--workdir={wd}", f"--config.data.data_dir={data_dir}",
-            "--config.model.kwargs.base_channels=8", "--config.model.kwargs.num_groups=4",
-            "--config.train.batch_size=16", "--config.train.num_steps=4", "--config.train.log_every=2",
-            "--config.train.eval_batches=1", "--config.sample.num_steps=3", "--config.sample.per_class=2"]
+  wd = tiny_digits["workdir"]  # 4 training steps of the tiny digits U-Net (tests/conftest.py).
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  run = lambda extra: subprocess.run([sys.executable, "-m", "diffusax.main", *common, *extra], capture_output=True,
-                                     text=True, env=env, cwd=ROOT, timeout=600)
-  r = run([])
-  assert r.returncode == 0, r.stderr[-2000:]
+  run = lambda extra: subprocess.run([sys.executable, "-m", "diffusax.main", *tiny_digits["args"], *extra],
+                                     capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   r = run(["--mode=eval", "--config.eval.num_samples=40", "--config.sample.shard_size=24",
            "--config.eval.bpd_examples=8", "--config.eval.vlb_steps=6", "--config.eval.ode_steps=3",
            "--config.eval.ode_solver=euler",

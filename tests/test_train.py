@@ -124,28 +124,16 @@ def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["10"], "the old checkpoint must stay intact"
 
 
-def test_digits_default_pipeline_small(data_dir, tmp_path):
+def test_digits_default_pipeline_small(tiny_digits):
   """The embedded default (U-Net, class-conditional, CFG grid) on a tiny network for 4 steps."""
-  c = digits_config.get_config()
-  c.data.data_dir = data_dir
-  c.model.kwargs.base_channels = 8
-  c.model.kwargs.channel_mult = (1, 2)
-  c.model.kwargs.attn_resolutions = (4,)
-  c.model.kwargs.num_groups = 4
-  c.train.batch_size = 16
-  c.train.num_steps = 4
-  c.train.log_every = 2
-  c.train.eval_batches = 1
-  c.sample.num_steps = 3
-  c.sample.per_class = 2
-  c.sample.guidance_scale = 2.0
-  wd = str(tmp_path / "digits")
-  out = train.train_and_evaluate(settings_lib.parse(c), wd)
+  out = tiny_digits["result"]
   from PIL import Image
   img = np.asarray(Image.open(out["samples"]))
   # 10 class rows x 2 columns of 8x8 images with 1 px gaps, upscaled 8x.
   assert img.shape == ((10 * 9 - 1) * 8, (2 * 9 - 1) * 8)
-  assert np.isfinite(out["eval_loss_ema"])
+  assert out["step"] == 4 and np.isfinite(out["eval_loss_ema"])
+  hist = json.load(open(os.path.join(tiny_digits["workdir"], "metrics.json")))["history"]
+  assert [h["step"] for h in hist] == [2, 4] and all(np.isfinite(h["loss"]) for h in hist)
 
 
 # ---------------------------------------------------------------------------
