@@ -60,11 +60,17 @@ def _as_arrays(records) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in records]) for k in records[0]}
 
 
+def read(source, indices) -> dict[str, np.ndarray]:
+  """Records at `indices` of any source as a dict of stacked arrays (TFDS sources take a list of ints)."""
+  idx = np.asarray(indices)
+  return _as_arrays(source.__getitems__(idx if isinstance(source, ArraySource) else idx.tolist()))
+
+
 class CachedSource(ArraySource):
   """Reads a (small) source once, decoded, into memory."""
 
   def __init__(self, source):
-    super().__init__(_as_arrays(source.__getitems__(list(range(len(source))))))
+    super().__init__(read(source, np.arange(len(source))))
 
 
 def open_source(name: str, split: str, data_dir: str, *, cache_max_examples: int = 200_000):
@@ -150,10 +156,7 @@ class BatchIterator:
   def __next__(self) -> dict:
     b, local = self.global_batch, self.global_batch // self.process_count
     start = self.batch_index * b + self.process_index * local
-    idx = self._order()[start:start + local]
-    if not isinstance(self.source, ArraySource):
-      idx = idx.tolist()  # TFDS sources take a list of ints.
-    batch = _as_arrays(self.source.__getitems__(idx))
+    batch = read(self.source, self._order()[start:start + local])
     if self.transform is not None:
       rng = np.random.default_rng([self.seed, self.epoch, self.batch_index, self.process_index, 1])
       batch = self.transform(batch, rng)

@@ -48,7 +48,7 @@ def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 images [N, 8, 8, 1], int32 labels [N]) of the embedded digits."""
   from diffusax.data import pipeline
   src = pipeline.open_source("sklearn_digits", split, data_dir)
-  batch = src.__getitems__(np.arange(len(src)))
+  batch = pipeline.read(src, np.arange(len(src)))
   return np.asarray(batch["image"], np.uint8), np.asarray(batch["label"], np.int32)
 
 

@@ -95,8 +95,7 @@ def _real_images(s: Settings, split: str, limit: int | None = None) -> np.ndarra
   except (pipeline.DataError, ValueError) as e:
     raise ConfigError(f"eval: {e}") from None
   n = len(src) if limit is None else min(limit, len(src))
-  batch = src.__getitems__(np.arange(n) if isinstance(src, pipeline.ArraySource) else list(range(n)))
-  batch = pipeline._as_arrays(batch)
+  batch = pipeline.read(src, np.arange(n))
   return np.asarray(batch["image"] if "image" in batch else batch["x"])
 
 

@@ -113,8 +113,8 @@ def setup(s: Settings, devices=None) -> Setup:
                       "processes: use mesh.strategy='mesh'")
   if s.train.batch_size > len(source):
     raise ConfigError(f"train.batch_size {s.train.batch_size} exceeds the {len(source)} training examples")
-  example = pipeline.image_transform()(source.__getitems__(np.arange(1)), None) if s.data.name != "toy_gmm2d" \
-      else pipeline.vector_transform()(source.__getitems__(np.arange(1)), None)
+  transform = pipeline.vector_transform() if s.data.name == "toy_gmm2d" else pipeline.image_transform()
+  example = transform(pipeline.read(source, [0]), None)
   sample_shape = tuple(example["x"].shape[1:])
   module = build_module(s, num_classes)
   schedule = s.schedule
