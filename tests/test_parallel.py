@@ -58,13 +58,17 @@ def _max_diff(a, b) -> float:
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-LAYOUTS = [((1, 1), "mesh"), ((8, 1), "mesh"), ((4, 2), "mesh"), ((1, 8), "mesh"), ((8, 1), "pmap")]
+# "ordered": the mesh strategy with mesh.ordered_reduction (gradients added in device order).
+LAYOUTS = [((1, 1), "mesh"), ((8, 1), "mesh"), ((4, 2), "mesh"), ((1, 8), "mesh"), ((8, 1), "pmap"),
+           ((8, 1), "ordered")]
 
 
 def test_meshes_and_pmap_agree_and_fsdp_divides_memory(data_dir):
   finals, rows = {}, []
   for shape, strategy in LAYOUTS:
-    s = settings_lib.parse(_config(data_dir, **{"mesh.shape": shape, "mesh.strategy": strategy}))
+    over = {"mesh.shape": shape, "mesh.strategy": "mesh" if strategy == "ordered" else strategy,
+            "mesh.ordered_reduction": strategy == "ordered"}
+    s = settings_lib.parse(_config(data_dir, **over))
     u = train.setup(s, devices=jax.devices()[:shape[0] * shape[1]])
     state = train.init_state(u)
     if strategy == "pmap":
@@ -91,7 +95,7 @@ def test_meshes_and_pmap_agree_and_fsdp_divides_memory(data_dir):
   by = {(sh, st): b for sh, st, b in rows}
   # Replicated layouts hold everything on every device; fsdp = f divides it by f (up to the few
   # vectors too small to split: the 2-wide output bias and the optimizer's step counters).
-  assert by[((8, 1), "mesh")] == by[((8, 1), "pmap")] == full
+  assert by[((8, 1), "mesh")] == by[((8, 1), "pmap")] == by[((8, 1), "ordered")] == full
   for f, shape in ((2, (4, 2)), (8, (1, 8))):
     assert full / f <= by[(shape, "mesh")] <= full / f * 1.05, (shape, by[(shape, "mesh")], full)
   # Identical draws everywhere: the init does not depend on the mesh (threefry is partitionable).
@@ -152,6 +156,10 @@ def test_bad_mesh_or_batch_refused_before_device_work(data_dir, tmp_path, over, 
 @pytest.mark.parametrize("over,match", [
     ({"mesh.strategy": "shard"}, r"unknown mesh.strategy 'shard'; allowed: \['mesh', 'pmap'\]"),
     ({"mesh.strategy": "pmap", "mesh.shape": (4, 2)}, r"mesh.shape must be \(-1, 1\), got \(4, 2\)"),
+    ({"mesh.ordered_reduction": True, "mesh.shape": (4, 2)},
+     r"mesh.ordered_reduction needs mesh.strategy='mesh' and replicated parameters \(mesh.shape \(N, 1\) or "
+     r"\(-1, 1\)\), got strategy 'mesh', shape \(4, 2\)"),
+    ({"mesh.ordered_reduction": True, "mesh.strategy": "pmap"}, r"mesh.ordered_reduction needs mesh.strategy='mesh'"),
     ({"runtime.distributed": "yes"}, r"runtime.distributed must be one of \['auto', 'on', 'off'\], got 'yes'"),
 ])
 def test_bad_strategy_settings(data_dir, over, match):
@@ -168,3 +176,19 @@ def test_distributed_start_is_wanted_only_when_launched_so():
   assert not distributed.wanted("auto", {"TPU_WORKER_HOSTNAMES": "a"})
   assert distributed.wanted("on", {}) and not distributed.wanted("off", {"JAX_COORDINATOR_ADDRESS": "x:1"})
   assert not distributed.initialize("off")
+
+
+def test_replica_check_finds_a_copy_that_differs():
+  from diffusax.parallel import integrity
+  mesh = mesh_lib.make_mesh((4, 1), jax.devices()[:4])
+  rep = mesh_lib.replicated(mesh)
+  good = np.arange(12, dtype=np.float32).reshape(3, 4)
+  copies = [good.copy() for _ in range(4)]
+  copies[2][1, 3] = np.nextafter(copies[2][1, 3], np.float32(np.inf))  # One ulp on one device.
+  make = lambda cs: jax.make_array_from_single_device_arrays(  # noqa: E731
+      good.shape, rep, [jax.device_put(c, d) for c, d in zip(cs, mesh.devices.flat)])
+  tree = {"a": make([good] * 4), "b": make(copies), "key": jax.device_put(jax.random.key(0), rep),
+          "sharded": jax.device_put(good, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))}
+  n, bad = integrity.diverged_replicas(tree)
+  assert n == 3  # "sharded" is not replicated, so not compared.
+  assert bad == ["['b']"]

@@ -98,3 +98,42 @@ def audit(tree, audit_fn=None) -> tuple[dict[str, str], list[str]]:
   paths = leaf_paths(tree)
   checks = {p: f"{int(s[0]):08x}{int(s[1]):08x}" for p, s in zip(paths, sums)}
   return checks, [p for p, ok in zip(paths, finite) if not ok]
+
+
+
+def replica_digests(tree) -> tuple[list[str], np.ndarray]:
+  """(paths, uint8 [L, 17]) for the fully replicated leaves of `tree`, from this process' copies.
+
+  Row: a 16-byte BLAKE2 digest of the first local copy, then 1 if every other
+  local device holds the same bytes, else 0.
+  """
+  import hashlib
+  paths, rows = [], []
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not isinstance(x, jax.Array) or not x.sharding.is_fully_replicated:
+      continue
+    shards = [np.asarray(jax.random.key_data(s.data) if jnp.issubdtype(s.data.dtype, jax.dtypes.prng_key)
+                         else s.data) for s in x.addressable_shards]
+    same = all(np.array_equal(s, shards[0]) for s in shards[1:])
+    digest = hashlib.blake2b(shards[0].tobytes(), digest_size=16).digest()
+    paths.append(jax.tree_util.keystr(path))
+    rows.append(np.frombuffer(digest + bytes([same]), np.uint8))
+  return paths, np.stack(rows) if rows else np.zeros((0, 17), np.uint8)
+
+
+def diverged_replicas(tree) -> tuple[int, list[str]]:
+  """(number of replicated leaves compared, paths whose copies differ between devices or processes).
+
+  A replicated leaf should be bit-identical on every device: a difference means
+  non-deterministic arithmetic or a fault. Collective: every process must call it.
+  Costs one device-to-host copy of the replicated leaves.
+  """
+  paths, rows = replica_digests(tree)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    every = np.asarray(multihost_utils.process_allgather(rows))  # [P, L, 17]
+  else:
+    every = rows[None]
+  bad = [p for i, p in enumerate(paths)
+         if not every[:, i, 16].all() or any(not np.array_equal(e[i], every[0, i]) for e in every)]
+  return len(paths), bad

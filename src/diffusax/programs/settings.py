@@ -121,6 +121,7 @@ class Settings:
   mesh_shape: tuple
   mesh_strategy: str
   eval: EvalSettings = EvalSettings()
+  mesh_ordered_reduction: bool = False
 
   @property
   def schedule(self) -> schedules.Schedule:
@@ -191,6 +192,11 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
   if c.mesh.strategy == "pmap" and len(c.mesh.shape) == 2 and tuple(c.mesh.shape)[1] != 1:
     raise ConfigError(f"mesh.strategy='pmap' replicates the state over all devices: mesh.shape must be (-1, 1), "
                       f"got {tuple(c.mesh.shape)}")
+  if c.mesh.ordered_reduction and (c.mesh.strategy != "mesh" or len(c.mesh.shape) != 2
+                                   or tuple(c.mesh.shape)[1] != 1):
+    raise ConfigError(f"mesh.ordered_reduction needs mesh.strategy='mesh' and replicated parameters "
+                      f"(mesh.shape (N, 1) or (-1, 1)), got strategy {c.mesh.strategy!r}, shape "
+                      f"{tuple(c.mesh.shape)}")
   from diffusax.parallel import distributed  # Deferred, like samplers.
   if c.runtime.distributed not in distributed.MODES:
     raise ConfigError(f"runtime.distributed must be one of {list(distributed.MODES)}, got {c.runtime.distributed!r}")
@@ -210,7 +216,7 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       model_name=c.model.name, model_kwargs=dict(c.model.kwargs), model_dtype=c.model.dtype,
       class_conditional=bool(c.model.class_conditional), optim=optim, ema_decays=decays,
       ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape),
-      mesh_strategy=c.mesh.strategy, eval=ev)
+      mesh_strategy=c.mesh.strategy, eval=ev, mesh_ordered_reduction=bool(c.mesh.ordered_reduction))
 
 
 def _parse_eval(c) -> EvalSettings:

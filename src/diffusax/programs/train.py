@@ -30,6 +30,7 @@ import numpy as np
 
 from diffusax import checkpoint as ckpt_lib
 from diffusax.data import pipeline
+from diffusax.parallel import integrity
 from diffusax.parallel import mesh as mesh_lib
 from diffusax.parallel import pmap as pmap_lib
 from diffusax.programs import settings as settings_lib
@@ -243,7 +244,7 @@ def make_runner(u: Setup) -> Runner:
                   from_run=lambda st: pmap_lib.unreplicate(st, u.state_shardings), step=step)
 
   train_step = step_lib.make_train_step(u.module.apply, u.tx, u.lr_fn, u.schedule, s.loss, s.ema_decays,
-                                        s.ema_warmup)
+                                        s.ema_warmup, ordered_mesh=u.mesh if s.mesh_ordered_reduction else None)
   batch_sh = {"x": mesh_lib.batch_sharding(u.mesh, 1 + len(u.sample_shape)),
               "label": mesh_lib.batch_sharding(u.mesh, 1)}
   rep = mesh_lib.replicated(u.mesh)
@@ -288,6 +289,16 @@ def train_and_evaluate(s: Settings, workdir: str, devices=None) -> dict:
         pass
     logger.close()
     raise
+
+
+def _check_replicas(state, step: int, logger: Logger) -> None:
+  """Every process must hold bit-identical copies of the replicated arrays (else: a fault or
+  non-deterministic arithmetic); the checkpoint is already written either way."""
+  n, bad = integrity.diverged_replicas(state)
+  if bad:
+    raise RuntimeError(f"after step {step} the copies of {len(bad)} of {n} replicated arrays differ between "
+                       f"devices or processes, first {bad[0]}; the checkpoint was saved from process 0's copy")
+  logger.info(f"replica check: {n} replicated arrays are bit-identical on all {jax.process_count()} processes")
 
 
 def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpointer) -> dict:
@@ -349,6 +360,8 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
     save(state)
   ckpt.wait()
   final_step = int(state.step)
+  if jax.process_count() > 1:
+    _check_replicas(state, final_step, logger)
   if preempted:
     logger.info(f"stopped by signal {stop.signum} after step {final_step}; checkpoint saved in "
                 f"{ckpt.directory}; run again to resume")

@@ -11,6 +11,18 @@ and device i takes rows [i b, (i + 1) b), and the gradients are averaged with
 `pmean`, so the update equals the mesh strategy's up to float reduction order.
 (Dropout masks inside the network are drawn per device, so with network
 dropout > 0 the two strategies differ in which units are dropped.)
+
+With `ordered_mesh` (mesh strategy, `mesh.ordered_reduction`) the batch sum
+of the loss and its gradient is taken in a fixed order: each device computes
+the sum over its own rows (under `jax.shard_map`), the n per-device sums are
+all-gathered (a copy, no arithmetic) and added in device order,
+
+    g = (((g_0 + g_1) + g_2) + ... + g_{n-1}) / B,
+
+so the update does not depend on how the collective library orders its
+all-reduce: two processes of two devices give bit for bit what one process of
+four devices gives. It costs n copies of the gradient per device and needs
+replicated parameters (fsdp = 1).
 """
 from __future__ import annotations
 
@@ -20,9 +32,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from diffusax.core import losses, process
 from diffusax.core import targets as targets_lib
+from diffusax.parallel import mesh as mesh_lib
 from diffusax.training import state as state_lib
 from diffusax.training.state import TrainState
 
@@ -56,11 +70,19 @@ def step_keys(state: TrainState):
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn: Callable,
                     schedule, loss: LossConfig, ema_decays, ema_warmup: bool = True,
-                    axis_name: str | None = None, axis_size: int = 1):
+                    axis_name: str | None = None, axis_size: int = 1, ordered_mesh=None):
   """Builds the (unjitted) train step. `apply_fn(variables, x, t, y, train, rngs)` is a Flax apply.
 
   `axis_name`/`axis_size`: run under `pmap` over that axis of `axis_size` devices (see module doc).
+  `ordered_mesh`: a (data, fsdp) mesh with fsdp = 1 over which the gradient is
+  reduced in fixed device order (see module doc); jit the step over that mesh.
   """
+  if ordered_mesh is not None:
+    if axis_name:
+      raise ValueError("ordered_mesh is for the mesh strategy; the pmap strategy reduces with pmean")
+    if ordered_mesh.shape[mesh_lib.FSDP] != 1:
+      raise ValueError(f"a fixed-order gradient reduction needs replicated parameters (fsdp = 1), got mesh "
+                       f"{dict(ordered_mesh.shape)}")
   ema_decays = tuple(float(d) for d in ema_decays)
   wparams = dict(loss.weighting_params)
   num_discrete = getattr(schedule, "num_steps", None)
@@ -85,13 +107,17 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
       y = None if y is None else jax.lax.dynamic_slice_in_dim(y, start, b)
     x_t = process.q_sample(schedule, x, t, eps)
 
-    def loss_fn(params):
+    def loss_sum(params, x_t, t, y, x, eps):
       pred = apply_fn({"params": params}, x_t, t, y, train=True, rngs={"dropout": k_drop})
       per_example = losses.diffusion_loss(schedule, pred, loss.target, x, eps, t,
                                           weighting=loss.weighting, **wparams)
-      return jnp.mean(per_example)
+      return jnp.sum(per_example)
 
-    value, grads = jax.value_and_grad(loss_fn)(state.params)
+    if ordered_mesh is None:
+      value, grads = jax.value_and_grad(lambda p: loss_sum(p, x_t, t, y, x, eps) / b)(state.params)
+    else:
+      value, grads = _ordered_value_and_grad(loss_sum, ordered_mesh, state.params, (x_t, t, y, x, eps))
+      value, grads = jax.tree.map(lambda v: v / b, (value, grads))
     if axis_name:
       value, grads = jax.lax.pmean((value, grads), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -102,6 +128,33 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
     return new, metrics
 
   return train_step
+
+
+def _ordered_value_and_grad(loss_sum, mesh, params, rows):
+  """(sum of loss over the batch, its gradient), each summed over devices in device order.
+
+  `rows` are arrays (or None) whose leading axis is the batch, sharded over the
+  mesh's batch axes; `params` are replicated.
+  """
+  axes = mesh_lib.BATCH_AXES
+  n = mesh_lib.batch_size_per_axis(mesh)
+
+  def ordered_sum(v):  # v: [n, ...] per-device partial sums, added strictly left to right.
+    return jax.lax.fori_loop(1, n, lambda i, acc: acc + v[i], v[0])
+
+  present = {i: r for i, r in enumerate(rows) if r is not None}
+
+  def local(params, present):
+    args = [present.get(i) for i in range(len(rows))]
+    value, grads = jax.value_and_grad(loss_sum)(params, *args)
+    gathered = jax.lax.all_gather((value, grads), axes)
+    return jax.tree.map(ordered_sum, gathered)
+
+  specs = {i: P(axes) for i in present}
+  # check_vma=False: under varying-axis typing the gradient of the replicated params would be
+  # psum-ed implicitly (an all-reduce in the collective library's order); without it each device's
+  # gradient is its own partial sum, and the all-gather + ordered adds make it identical everywhere.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), specs), out_specs=P(), check_vma=False)(params, present)
 
 
 def make_eval_loss(apply_fn: Callable, schedule, loss: LossConfig):
