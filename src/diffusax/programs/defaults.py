@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 10000          # Total optimizer steps.
   c.train.log_every = 100            # Steps between logged metrics (the only host syncs).
   c.train.eval_every = 2000          # Steps between eval loss + sample grid (0: only at the end).
+  c.train.full_eval = False          # Also run the full evaluation of --mode=eval (eval.metrics: samples,
+                                     # fd/kid, class accuracy, bits/dim; JSON in WORKDIR/eval) on the EMA
+                                     # params at every eval_every and after the last step. Slow: off by default.
   c.train.ckpt_every = 1000          # Steps between checkpoints (and always at the end).
   c.train.keep_checkpoints = 3       # Checkpoints kept.
   c.train.async_checkpoints = True   # Write checkpoints in the background.

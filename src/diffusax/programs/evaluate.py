@@ -160,10 +160,15 @@ def evaluate_params(u: train.Setup, params, step: int, workdir: str, logger: Log
   return result
 
 
+def check(s: Settings) -> None:
+  """Refuses settings evaluation cannot run with (e.g. fd/kid without features) before any device work."""
+  if set(s.eval.metrics) & {"fd", "kid"}:
+    feature_kind(s)
+
+
 def run(s: Settings, workdir: str) -> dict:
   u = train.setup(s)
-  if set(u.s.eval.metrics) & {"fd", "kid"}:
-    feature_kind(u.s)  # Refuse a missing weights file before loading anything.
+  check(u.s)  # Refuse a missing weights file before loading anything.
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   try:
     params, step = sample_prog.restore_ema(u, workdir, u.s.sample.checkpoint_step, logger)

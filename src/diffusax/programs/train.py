@@ -273,6 +273,9 @@ def train_and_evaluate(s: Settings, workdir: str, devices=None) -> dict:
   """
   u = setup(s, devices)
   s = u.s
+  if s.train.full_eval:
+    from diffusax.programs import evaluate  # Deferred: evaluate builds on this module.
+    evaluate.check(s)  # A missing Inception weights file is refused before training, not at the first eval.
   os.makedirs(workdir, exist_ok=True)
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   ckpt = None
@@ -289,6 +292,11 @@ def train_and_evaluate(s: Settings, workdir: str, devices=None) -> dict:
         pass
     logger.close()
     raise
+
+
+def _full_eval(u: Setup, ema_params, step: int, workdir: str, logger: Logger) -> dict:
+  from diffusax.programs import evaluate
+  return evaluate.evaluate_params(u, ema_params, step, workdir, logger)
 
 
 def _check_replicas(state, step: int, logger: Logger) -> None:
@@ -355,6 +363,8 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
         ev = evaluate_loss(u, eval_fn, ema, eval_source)
         logger.scalars({"eval_loss_ema": ev}, done)
         write_samples(u, ema, done, workdir, logger, gen)
+        if s.train.full_eval:
+          _full_eval(u, ema, done, workdir, logger)
   state = runner.from_run(run_state)
   if int(state.step) != start or ckpt.latest_step() != int(state.step):
     save(state)
@@ -374,6 +384,8 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
             "train_loss_last": history[-1]["loss"] if history else None,
             "checkpoint": os.path.join(ckpt.directory, str(final_step))}
   logger.scalars({"eval_loss_ema": ev}, final_step)
+  if s.train.full_eval:
+    result["eval"] = _full_eval(u, state.ema_params[0], final_step, workdir, logger)["metrics"]
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({**result, "history": history}, f, indent=1)
