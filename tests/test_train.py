@@ -232,3 +232,16 @@ def test_every_config_parses_and_its_network_builds(name):
     params = jax.eval_shape(module.init, jax.random.key(0), x, t, y)["params"]
     n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     assert round(n / 1e6, 1) == 35.7, n
+
+
+def test_weight_decay_spares_vectors_and_the_frozen_fourier_frequencies():
+  import jax
+  import jax.numpy as jnp
+  from diffusax.training import optimizer
+  tx, _ = optimizer.make(optimizer.OptimConfig(lr=0.1, weight_decay=0.5, grad_clip=0.0))
+  params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,)), "fourier": {"W": jnp.ones((4,))}}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  # Zero gradient: Adam's step is 0, so the update is pure decoupled decay, -lr * wd * p on kernels only.
+  np.testing.assert_allclose(updates["kernel"], -0.05 * np.ones((2, 3)), rtol=1e-6)
+  assert not np.any(updates["bias"]) and not np.any(updates["fourier"]["W"])

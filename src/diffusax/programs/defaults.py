@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9                   # Adam beta1.
   c.optim.b2 = 0.999                 # Adam beta2.
   c.optim.eps = 1e-8                 # Adam epsilon.
-  c.optim.weight_decay = 0.0         # Decoupled weight decay.
+  c.optim.weight_decay = 0.0         # Decoupled weight decay, on kernels and matrices only (ndim >= 2).
   c.optim.grad_clip = 1.0            # Global-norm gradient clip (0 disables).
 
   c.ema = ml_collections.ConfigDict()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 import optax
 
 DECAYS = ("cosine", "constant")
@@ -41,8 +43,15 @@ def lr_schedule(c: OptimConfig) -> optax.Schedule:
   return optax.constant_schedule(c.lr)
 
 
+def decay_mask(params):
+  """Weight decay applies to matrices and kernels (ndim >= 2) only: not to biases, norm scales, or
+  the frozen random Fourier frequencies of the time embedding (1-D), which decay would shrink."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
 def make(c: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
   sched = lr_schedule(c)
   parts = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip > 0 else []
-  parts.append(optax.adamw(sched, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay))
+  parts.append(optax.adamw(sched, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
+                           mask=decay_mask))
   return optax.chain(*parts), sched
