@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-
 import optax
 
 DECAYS = ("cosine", "constant")
