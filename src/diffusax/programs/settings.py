@@ -232,8 +232,18 @@ def _parse_eval(c) -> EvalSettings:
       raise ConfigError(f"unknown eval.{key} {c.eval[key]!r}; allowed: {list(allowed)}")
   if not 0.0 < float(c.eval.t_min) < 1.0:
     raise ConfigError(f"eval.t_min must be in (0, 1), got {c.eval.t_min!r}")
+  weights = str(c.eval.inception_weights)
+  if weights:
+    import os.path  # local: the only filesystem check of this module
+    weights = os.path.expanduser(weights)
+    if os.path.splitext(weights)[1].lower() not in (".pth", ".npz"):
+      raise ConfigError(f"eval.inception_weights must be a .pth (pt_inception-2015-12-05-6726825d.pth) "
+                        f"or .npz file, got {weights!r}")
+    if not os.path.isfile(weights):
+      raise ConfigError(f"eval.inception_weights {weights!r} does not exist (the FID Inception weights: "
+                        "pt_inception-2015-12-05-6726825d.pth from pytorch-fid's fid_weights release)")
   return EvalSettings(metrics=metrics, num_samples=_positive("eval.num_samples", c.eval.num_samples),
-                      features=c.eval.features, inception_weights=str(c.eval.inception_weights),
+                      features=c.eval.features, inception_weights=weights,
                       kid_subset_size=_positive("eval.kid_subset_size", c.eval.kid_subset_size),
                       bpd_examples=_positive("eval.bpd_examples", c.eval.bpd_examples),
                       vlb_steps=_positive("eval.vlb_steps", c.eval.vlb_steps),
