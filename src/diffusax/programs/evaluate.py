@@ -60,12 +60,16 @@ def _sample_metrics(u: train.Setup, params, step: int, workdir: str, logger: Log
   gen = job_lib.load(out_dir)
   m, extra = {}, {"samples_dir": out_dir}
   want = set(ev.metrics)
-  kind = feature_kind(s) if want & {"fd", "kid"} else ("digits" if s.data.name == "sklearn_digits" else None)
-  if kind == "digits":
+  kind = feature_kind(s) if want & {"fd", "kid"} else None
+  classify = s.data.name == "sklearn_digits" and (kind == "digits" or "class_accuracy" in want)
+  if classify:  # The digits classifier: features for fd/kid, predictions for class accuracy.
     from diffusax.evaluation import digits_classifier as dc
     cparams, info = dc.load_or_train(s.data.data_dir, log=logger.info)
     extra["classifier"] = {k: info[k] for k in ("version", "seed", "steps", "test_accuracy")}
     logits, feats = dc.apply(cparams, gen["samples"])
+    if "class_accuracy" in want and spec.num_classes:
+      m["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == gen["labels"]))
+  if kind == "digits":
     half_a, half_b = dc.real_halves(s.data.data_dir)
     fa, fb = dc.apply(cparams, half_a)[1], dc.apply(cparams, half_b)[1]
     if "fd" in want:
@@ -74,18 +78,15 @@ def _sample_metrics(u: train.Setup, params, step: int, workdir: str, logger: Log
     if "kid" in want:
       m["kid_digits"] = distances.kid(feats, fa, subset_size=ev.kid_subset_size)[0]
       m["kid_digits_real_baseline"] = distances.kid(fb, fa, subset_size=ev.kid_subset_size)[0]
-    if "class_accuracy" in want and spec.num_classes:
-      m["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == gen["labels"]))
   elif kind == "inception":
     from diffusax.evaluation import inception
     net = inception.load_fid_inception(ev.inception_weights)
     real = _real_images(s, s.data.eval_split or s.data.split)
-    if "fd" in want or "kid" in want:
-      fg, fr = net.pool_features(gen["samples"]), net.pool_features(real)
-      if "fd" in want:
-        m["fid"] = distances.frechet_distance_from_features(fg, fr)
-      if "kid" in want:
-        m["kid"] = distances.kid(fg, fr, subset_size=ev.kid_subset_size)[0]
+    fg, fr = net.pool_features(gen["samples"]), net.pool_features(real)
+    if "fd" in want:
+      m["fid"] = distances.frechet_distance_from_features(fg, fr)
+    if "kid" in want:
+      m["kid"] = distances.kid(fg, fr, subset_size=ev.kid_subset_size)[0]
   return m, extra
 
 
