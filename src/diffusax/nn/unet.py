@@ -90,6 +90,13 @@ class ResBlock(nn.Module):
     return x.astype(self.dtype) + h
 
 
+def res_block_class(remat: bool):
+  """ResBlock, or ResBlock under `nn.remat` (`jax.checkpoint`): the backward pass recomputes the
+  block's activations instead of storing them. Same parameter names and outputs; less activation
+  memory for more compute (one more forward pass of every block)."""
+  return nn.remat(ResBlock, static_argnums=(3,)) if remat else ResBlock  # 3: `train` (self is 0).
+
+
 class AttentionBlock(nn.Module):
   """x + SelfAttention(GN(x)) over the H*W positions: [B, H, W, C] -> same."""
   num_heads: int = 1
@@ -127,9 +134,11 @@ class UNetEncoder(nn.Module):
   num_groups: int = 32
   dtype: Dtype = F32
   param_dtype: Dtype = F32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, emb, train: bool = False):
+    Block = res_block_class(self.remat)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     block = dict(dropout=self.dropout, num_groups=self.num_groups, scale_shift_norm=self.scale_shift_norm, **kw)
     attn = dict(num_heads=self.num_heads, num_head_channels=self.num_head_channels, num_groups=self.num_groups, **kw)
@@ -137,22 +146,22 @@ class UNetEncoder(nn.Module):
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = ResBlock(self.base_channels * mult, name=f"down_{level}_{i}", **block)(h, emb, train)
+        h = Block(self.base_channels * mult, name=f"down_{level}_{i}", **block)(h, emb, train)
         if h.shape[1] in self.attn_resolutions:
           h = AttentionBlock(name=f"down_{level}_{i}_attn", **attn)(h)
         skips.append(h)
       if level != len(self.channel_mult) - 1:
         name = f"down_{level}_resample"
         if self.resblock_updown:
-          h = ResBlock(h.shape[-1], down=True, name=name, **block)(h, emb, train)
+          h = Block(h.shape[-1], down=True, name=name, **block)(h, emb, train)
         elif self.conv_resample:
           h = layers.conv(h.shape[-1], 3, stride=2, name=name, **kw)(h)
         else:
           h = _avg_pool(h)
         skips.append(h)
-    h = ResBlock(h.shape[-1], name="mid_0", **block)(h, emb, train)
+    h = Block(h.shape[-1], name="mid_0", **block)(h, emb, train)
     h = AttentionBlock(name="mid_attn", **attn)(h)
-    h = ResBlock(h.shape[-1], name="mid_1", **block)(h, emb, train)
+    h = Block(h.shape[-1], name="mid_1", **block)(h, emb, train)
     return h, skips
 
 
@@ -196,6 +205,7 @@ class UNet(nn.Module):
   fourier_scale: float = 16.0              # std of random Fourier frequencies
   num_groups: int = 32                     # GroupNorm groups (must divide every width)
   low_res_channels: int = 0                # > 0: expect `low_res` for super-resolution
+  remat: bool = False                      # recompute ResBlock activations in backward (memory for compute)
   dtype: Dtype = F32                       # compute dtype
   param_dtype: Dtype = F32                 # parameter dtype
 
@@ -227,20 +237,21 @@ class UNet(nn.Module):
     h, skips = UNetEncoder(self.base_channels, tuple(self.channel_mult), self.num_res_blocks,
                            tuple(self.attn_resolutions), self.num_heads, self.num_head_channels,
                            self.dropout, self.resblock_updown, self.conv_resample, self.scale_shift_norm,
-                           self.num_groups, name="encoder", **kw)(x, emb, train)
+                           self.num_groups, name="encoder", remat=self.remat, **kw)(x, emb, train)
+    Block = res_block_class(self.remat)
     block = dict(dropout=self.dropout, num_groups=self.num_groups, scale_shift_norm=self.scale_shift_norm, **kw)
     attn = dict(num_heads=self.num_heads, num_head_channels=self.num_head_channels, num_groups=self.num_groups, **kw)
     for level in reversed(range(len(self.channel_mult))):
       width = self.base_channels * self.channel_mult[level]
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
-        h = ResBlock(width, name=f"up_{level}_{i}", **block)(h, emb, train)
+        h = Block(width, name=f"up_{level}_{i}", **block)(h, emb, train)
         if h.shape[1] in self.attn_resolutions:
           h = AttentionBlock(name=f"up_{level}_{i}_attn", **attn)(h)
       if level:
         name = f"up_{level}_resample"
         if self.resblock_updown:
-          h = ResBlock(width, up=True, name=name, **block)(h, emb, train)
+          h = Block(width, up=True, name=name, **block)(h, emb, train)
         else:
           h = _upsample(h)
           if self.conv_resample:
