@@ -42,11 +42,21 @@ def _parse_flags(argv):
 
 
 def _apply_runtime(config) -> None:
-  """Process-level settings that must precede the first JAX import."""
+  """Process-level settings that must precede the first device use and the first compile.
+
+  XLA_FLAGS are read when the backend starts (first device use), so setting
+  them here works although `jax` is already imported. The compilation cache
+  directory must go through `jax.config`: JAX reads JAX_COMPILATION_CACHE_DIR
+  only when it is imported, which has happened by now (the settings import it).
+  Entries are written for programs that take >= 1 s to compile (JAX's
+  `jax_persistent_cache_min_compile_time_secs` default): the train step, state
+  init and samplers; a second process loads them (benchmarks/compile_time.py).
+  """
   if config.runtime.xla_cpu_eigen_convs and "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _CPU_EIGEN_FLAG).strip()
   if config.runtime.compilation_cache_dir:
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser(config.runtime.compilation_cache_dir))
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.runtime.compilation_cache_dir))
 
 
 def main(argv) -> None:
