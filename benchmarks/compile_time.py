@@ -1,0 +1,160 @@
+"""First-call compile time of the train step and the samplers, with and without the persistent cache.
+
+Each measurement is a fresh process running the digits program's own pieces
+(configs/digits.py; `runtime.*` applied as `diffusax.main` does, then
+`programs.train.setup`): the state init (`train.init_state`), the train step
+(`train.make_runner(...).step`), the training program's sample grid
+(`train.make_generator`: dpm_solver_pp_2m x 30 with CFG, 100 samples) and the
+`--mode=sample` job's batch function (`sampling.job.make_sample_fn` jitted as
+`job.run_job` does, one 256-sample shard). Reported per piece: its first call
+(trace + compile or cache load + one run) and, for scale, its second call.
+`train.init_state` jits a new function per call, so its second call compiles
+(or loads) again.
+
+Cache settings, one process each, in this order per round:
+  off    runtime.compilation_cache_dir = ""
+  cold   a fresh empty cache directory (the first process fills it)
+  warm   the same directory again (a second process should hit it)
+
+    .venv/bin/python benchmarks/compile_time.py [--rounds 1]     (--report: reprint the JSON's table)
+
+Reported: first-call seconds of each piece, the warm/off ratio (and cold/off, the cost of
+writing the cache), and the cache directory's files and bytes after cold/warm.
+Writes benchmarks/compile_time.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import harness
+
+PIECES = ("init", "train_step", "sample_grid", "sample_job")
+
+
+def _dir_stats(path: str) -> tuple[int, int]:
+  files = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+  return len(files), sum(os.path.getsize(f) for f in files)
+
+
+def worker(args) -> None:
+  t_start = time.perf_counter()
+  config = harness.load_config("digits", {"runtime.compilation_cache_dir": args.cache_dir, "mesh.shape": (1, 1)})
+  harness.apply_runtime(config)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from diffusax.programs import sample as sample_prog
+  from diffusax.programs import train
+  from diffusax.sampling import job as job_lib
+
+  s = harness.settings(config)
+  u = train.setup(s, devices=jax.devices()[:1])
+  out = {"cache_dir": args.cache_dir, "jax_compilation_cache_dir": jax.config.jax_compilation_cache_dir}
+
+  def twice(name, f):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f())
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(f())
+    out[name] = {"first_s": first, "second_s": time.perf_counter() - t0}
+    out[name]["compile_s"] = max(first - out[name]["second_s"], 0.0)
+
+  twice("init", lambda: train.init_state(u))
+  state = train.init_state(u)
+  runner = train.make_runner(u)
+  batch = next(train.make_iterator(u))
+  box = {"state": runner.to_run(state)}
+
+  def one_step():
+    box["state"], m = runner.step(box["state"], batch)
+    return box["state"], m
+
+  twice("train_step", one_step)
+  params = box["state"].ema_params[0]
+  gen = train.make_generator(u)
+  labels = np.repeat(np.arange(u.num_classes), s.sample.per_class).astype(np.int32)
+  key = jax.random.key(0)
+  twice("sample_grid", lambda: gen(params, np.arange(len(labels)), labels, jnp.float32(1.0), key))
+  spec = sample_prog.job_spec(u, step=0)
+  fn = jax.jit(job_lib.make_sample_fn(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class))
+  idx = np.arange(spec.shard_size, dtype=np.uint32)
+  twice("sample_job", lambda: fn(params, idx, job_lib.labels_for(spec, idx), jnp.float32(1.0)))
+  out["process_s"] = time.perf_counter() - t_start
+  with open(args.worker_out, "w") as fh:
+    json.dump(out, fh)
+
+
+def _spawn(cache_dir: str) -> dict:
+  with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "out.json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "--cache_dir", cache_dir,
+                    "--worker_out", path], check=True, env=env)
+    with open(path) as fh:
+      return json.load(fh)
+
+
+def report(runs: dict, cache_files: list) -> dict:
+  """Prints the table; returns {setting: {piece: min first-call seconds}} (+ steady second calls)."""
+  best = {k: {p: min(run[p]["first_s"] for run in v) for p in PIECES} for k, v in runs.items()}
+  steady = {p: min(run[p]["second_s"] for v in runs.values() for run in v) for p in PIECES}
+  for k, v in runs.items():
+    best[k]["process_s"] = min(run["process_s"] for run in v)
+  print(f"\nfirst-call seconds (compile + one run; min of {len(runs['off'])} round(s)); digits config, "
+        f"{harness.cpu_model()}")
+  print(f"{'piece':13s}{'off':>8s}{'cold':>8s}{'warm':>8s}{'warm/off':>10s}{'cold/off':>10s}{'2nd call':>10s}")
+  for p in PIECES + ("process_s",):
+    o, c, w = best["off"][p], best["cold"][p], best["warm"][p]
+    print(f"{p:13s}{o:8.2f}{c:8.2f}{w:8.2f}{w / o:10.2f}{c / o:10.2f}"
+          + (f"{steady[p]:10.2f}" if p in steady else ""))
+  print(f"cache dir after cold / warm (files, bytes): {cache_files}")
+  best["second_call_s"] = steady
+  return best
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--rounds", type=int, default=1, help="rounds of (off, cold, warm) processes")
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_time.json"))
+  ap.add_argument("--report", action="store_true", help="print the table of the JSON at --out again")
+  ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  ap.add_argument("--cache_dir", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--worker_out", default="", help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.worker:
+    return worker(args)
+  if args.report:
+    with open(args.out) as fh:
+      d = json.load(fh)
+    return report(d["runs"], d["cache_files"])
+  runs = {"off": [], "cold": [], "warm": []}
+  cache_files = []
+  for r in range(args.rounds):
+    cache = tempfile.mkdtemp(prefix="diffusax_cc_")
+    try:
+      runs["off"].append(_spawn(""))
+      runs["cold"].append(_spawn(cache))
+      after_cold = _dir_stats(cache)
+      runs["warm"].append(_spawn(cache))
+      cache_files.append({"after_cold": after_cold, "after_warm": _dir_stats(cache)})
+    finally:
+      shutil.rmtree(cache, ignore_errors=True)
+    print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['train_step']['compile_s']:.1f}s" for k, v in runs.items())
+          + " (train step compile)", flush=True)
+  with open(args.out, "w") as fh:
+    json.dump({"date": time.strftime("%Y-%m-%d"), "cpu": harness.cpu_model(), "rounds": args.rounds,
+               "best": report(runs, cache_files), "cache_files": cache_files, "runs": runs}, fh, indent=1)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
