@@ -3,8 +3,13 @@
 * 8 fake CPU devices so mesh tests run on one machine.
 * XLA:CPU convolution/dot fusions sent back to Eigen: about 2x faster conv
   training steps on CPU (see ../shared/NOTES.md); numerics are unchanged.
+* A persistent compilation cache in a fresh temporary directory for this test
+  session (inherited by the subprocesses the tests start), so a program a test
+  compiles again in a restarted or second process is loaded, not recompiled
+  (entries for compiles of >= 1 s; the cache key covers the HLO, flags and devices).
 """
 import os
+import tempfile
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
@@ -13,6 +18,12 @@ if "xla_cpu_experimental_ynn_fusion_type" not in _flags:
   _flags += " --xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  _cache = tempfile.mkdtemp(prefix="diffusax-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
 import pytest  # noqa: E402
