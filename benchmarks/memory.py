@@ -14,7 +14,9 @@ also really initialised on each mesh and the largest device's
 
 Reported per mesh: MB per device of params, EMA, optimizer state and their
 sum, and the ratio per-device / unsharded (1.0 = replicated; 1/fsdp is the
-ideal). Writes benchmarks/memory.json and prints a table.
+ideal). Also XLA's temp (activation) bytes of the one-device train step with
+the U-Net's `remat` off and on (`compiled.memory_analysis()`; --remat_cases).
+Writes benchmarks/memory.json and prints a table.
 """
 from __future__ import annotations
 
@@ -86,11 +88,39 @@ def measure(model: str, mesh_shape) -> dict:
   return row
 
 
+def remat_temp_bytes(case: str) -> dict:
+  """XLA's temp (activation) bytes of the compiled one-device train step, model.kwargs.remat off / on."""
+  import jax
+
+  import train_step as ts
+  from diffusax.training import step as step_lib
+
+  cfg, over, shape, batch, _ = ts.CASES[case]
+  out = {"batch": batch}
+  for remat in (False, True):
+    c = harness.load_config(cfg, {**over, "train.batch_size": batch, "mesh.shape": (1, 1), "model.dtype": "float32"})
+    c.model.kwargs.remat = remat  # Not a declared key of the configs: set on the ConfigDict directly.
+    s = harness.settings(c)
+    num_classes = 10 if s.class_conditional else None
+    u = harness.setup_without_data(s, shape, num_classes, devices=jax.devices()[:1])
+    step = step_lib.make_train_step(u.module.apply, u.tx, u.lr_fn, u.schedule, u.s.loss, u.s.ema_decays,
+                                    u.s.ema_warmup)
+    batch_arrays = {"x": jax.ShapeDtypeStruct((batch,) + shape, "float32"),
+                    "label": jax.ShapeDtypeStruct((batch,), "int32")}
+    mem = jax.jit(step, donate_argnums=0).lower(u.abstract_state, batch_arrays).compile().memory_analysis()
+    out["remat" if remat else "plain"] = int(mem.temp_size_in_bytes)
+  out["ratio"] = out["remat"] / out["plain"]
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory.json"))
+  ap.add_argument("--remat_cases", default="digits", help="train_step.py cases whose step's temp bytes are "
+                  "compared with model.kwargs.remat off/on (compiles each twice; '' = skip)")
   args = ap.parse_args()
   rows = {m: [measure(m, ms) for ms in MESHES] for m in MODELS}
+  remat = {c: remat_temp_bytes(c) for c in args.remat_cases.split(",") if c}
   mb = 1 / 2 ** 20
   print(f"per-device MB over {NUM_DEVICES} fake CPU devices (max over devices); ratio = per-device / unsharded")
   print(f"{'model':9s}{'mesh':>6s}{'params':>9s}{'ema':>9s}{'opt':>9s}{'state':>9s}{'ratio':>7s}{'real':>9s}")
@@ -106,8 +136,12 @@ def main():
       if "state_bytes_per_device_real" in r and r["state_bytes_per_device_real"] != r["state_bytes_per_device"]:
         print(f"warning: {m} {r['mesh']}: real shards {r['state_bytes_per_device_real']} B != "
               f"sharding arithmetic {r['state_bytes_per_device']} B")
+  for c, r in remat.items():
+    print(f"{c} (batch {r['batch']}): train-step temp MB {r['plain'] * mb:.1f} -> {r['remat'] * mb:.1f} with "
+          f"model.kwargs.remat=True (ratio {r['ratio']:.2f})")
   with open(args.out, "w") as fh:
-    json.dump({"date": time.strftime("%Y-%m-%d"), "devices": NUM_DEVICES, "rows": rows}, fh, indent=1)
+    json.dump({"date": time.strftime("%Y-%m-%d"), "devices": NUM_DEVICES, "rows": rows, "remat_temp_bytes": remat},
+              fh, indent=1)
   print(f"wrote {args.out}")
 
 
