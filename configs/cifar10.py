@@ -29,6 +29,8 @@ def get_config():
   c.model.kwargs.attn_resolutions = (16,)
   c.model.kwargs.num_heads = 1
   c.model.kwargs.dropout = 0.1
+  c.model.kwargs.remat = False             # Recompute ResBlock activations in backward: less activation
+                                           # memory for one more forward pass (not part of the checkpoint signature).
   c.model.kwargs.scale_shift_norm = False  # DDPM adds the time embedding (ADM: scale-shift, +2.6M params).
   c.model.dtype = "bfloat16"               # bf16 compute, fp32 params (use float32 on CPU).
   c.model.class_conditional = False        # DDPM is unconditional; set True for CFG (label_dropout below).

@@ -23,6 +23,8 @@ def get_config():
   c.model.kwargs.num_heads = 2
   c.model.kwargs.num_groups = 8
   c.model.kwargs.dropout = 0.0
+  c.model.kwargs.remat = False             # Recompute ResBlock activations in backward: less activation
+                                           # memory for one more forward pass (not part of the checkpoint signature).
   c.model.class_conditional = True         # Labels with a null class for CFG.
   c.guidance.label_dropout = 0.1
   c.optim.lr = 2e-3

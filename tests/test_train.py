@@ -245,3 +245,13 @@ def test_weight_decay_spares_vectors_and_the_frozen_fourier_frequencies():
   # Zero gradient: Adam's step is 0, so the update is pure decoupled decay, -lr * wd * p on kernels only.
   np.testing.assert_allclose(updates["kernel"], -0.05 * np.ones((2, 3)), rtol=1e-6)
   assert not np.any(updates["bias"]) and not np.any(updates["fourier"]["W"])
+
+
+def test_remat_is_a_compute_option_not_part_of_the_checkpoint_signature():
+  base = digits_config.get_config()
+  other = digits_config.get_config()
+  other.model.kwargs.remat = True
+  wider = digits_config.get_config()
+  wider.model.kwargs.base_channels = 48
+  sig = lambda c: settings_lib.parse(c).model_settings()  # noqa: E731
+  assert sig(other) == sig(base) != sig(wider)

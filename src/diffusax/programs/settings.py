@@ -19,7 +19,10 @@ from diffusax.training.optimizer import OptimConfig
 from diffusax.training.step import LossConfig
 
 
-MESH_STRATEGIES = ("mesh", "pmap")  # How the train step is parallelised (see programs/train.py).
+MESH_STRATEGIES = ("mesh", "pmap")
+# Network options that change how it computes, not its parameters: a checkpoint written with one
+# value restores with another.
+COMPUTE_ONLY_KWARGS = ("remat",)  # How the train step is parallelised (see programs/train.py).
 
 
 class ConfigError(ValueError):
@@ -130,7 +133,8 @@ class Settings:
 
   def model_settings(self) -> dict:
     """What identifies the network in a checkpoint."""
-    return {"name": self.model_name, "kwargs": _jsonable(self.model_kwargs), "target": self.loss.target,
+    kwargs = {k: v for k, v in self.model_kwargs.items() if k not in COMPUTE_ONLY_KWARGS}
+    return {"name": self.model_name, "kwargs": _jsonable(kwargs), "target": self.loss.target,
             "schedule": self.schedule_name, "class_conditional": self.class_conditional}
 
 
