@@ -124,6 +124,8 @@ def test_train_compiles_once_and_resumes_in_process(data_dir, tmp_path):
     # is not guaranteed for a 35-step model, so only sanity here; the bounds are tested in test_likelihood*.
     assert all(np.isfinite(v) for v in rec["metrics"].values())
   assert out["eval"] == rec["metrics"]
+  # One evaluator for the run: the second evaluation reuses the compiled likelihood functions.
+  assert train.TRACE_COUNTS["eval_bpd_vlb"] == train.TRACE_COUNTS["eval_bpd_ode"] == 1, train.TRACE_COUNTS
 
 
 def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):

@@ -245,10 +245,9 @@ def variables_from_state_dict(sd: dict[str, np.ndarray], source: str = "state di
                  and not (k.endswith(".num_batches_tracked") and k.rsplit(".", 1)[0] in bns))
   missing = sorted(k for k in names if k not in sd)
   if missing or extra:
-    parts = ([f"missing keys {missing[:6]}" + (f" ({len(missing)} in all)" if len(missing) > 6 else "")]
-             if missing else []) + ([f"unexpected keys {extra[:6]}" + (f" ({len(extra)} in all)"
-                                                                       if len(extra) > 6 else "")]
-                                    if extra else [])
+    def listed(what, keys):
+      return f"{what} keys {keys[:6]}" + (f" ({len(keys)} in all)" if len(keys) > 6 else "")
+    parts = [listed(what, keys) for what, keys in (("missing", missing), ("unexpected", extra)) if keys]
     raise ValueError(f"{source}: not the FID Inception-v3 weights ({FID_WEIGHTS_FILE}): " + "; ".join(parts))
   out: dict[str, Any] = {}
   for name, path in names.items():

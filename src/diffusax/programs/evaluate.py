@@ -51,43 +51,161 @@ def feature_kind(s: Settings) -> str:
   return kind
 
 
-def _sample_metrics(u: train.Setup, params, step: int, workdir: str, logger: Logger) -> tuple[dict, dict]:
-  s, ev = u.s, u.s.eval
-  spec = sample_prog.job_spec(u, step, num_samples=ev.num_samples)
-  out_dir = os.path.join(workdir, "eval", os.path.basename(sample_prog.default_out_dir(workdir, spec))
-                         + f"_n{spec.num_samples}")
-  sample_prog.generate(u, params, spec, out_dir, logger)
-  gen = job_lib.load(out_dir)
-  m, extra = {}, {"samples_dir": out_dir}
-  want = set(ev.metrics)
-  kind = feature_kind(s) if want & {"fd", "kid"} else None
-  classify = s.data.name == "sklearn_digits" and (kind == "digits" or "class_accuracy" in want)
-  if classify:  # The digits classifier: features for fd/kid, predictions for class accuracy.
+class Evaluator:
+  """The metrics of eval.metrics for any number of parameter sets of one `train.Setup`.
+
+  Everything that does not depend on the parameters is built on first use and
+  kept: the jitted sampler and likelihood functions (parameters are their
+  arguments, so a second evaluation neither retraces nor recompiles), the
+  feature network, the real-data reference features and the held-out
+  examples. The training program holds one for its whole run. Tracings are
+  counted in `train.TRACE_COUNTS` ("eval_sample", "eval_bpd_vlb", "eval_bpd_ode").
+  """
+
+  def __init__(self, u: train.Setup):
+    self.u = u
+    self._cache: dict[str, object] = {}
+
+  def _once(self, name: str, build):
+    if name not in self._cache:
+      self._cache[name] = build()
+    return self._cache[name]
+
+  # -- samples: fd, kid, class accuracy ----------------------------------------------------------
+
+  def _classifier(self, logger: Logger):
+    """(params, info) of the digits classifier (trained and cached in the data dir on first use)."""
     from diffusax.evaluation import digits_classifier as dc
-    cparams, info = dc.load_or_train(s.data.data_dir, log=logger.info)
-    extra["classifier"] = {k: info[k] for k in ("version", "seed", "steps", "test_accuracy")}
-    logits, feats = dc.apply(cparams, gen["samples"])
-    if "class_accuracy" in want and spec.num_classes:
-      m["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == gen["labels"]))
-  if kind == "digits":
-    half_a, half_b = dc.real_halves(s.data.data_dir)
-    fa, fb = dc.apply(cparams, half_a)[1], dc.apply(cparams, half_b)[1]
-    if "fd" in want:
-      m["fd_digits"] = distances.frechet_distance_from_features(feats, fa)
-      m["fd_digits_real_baseline"] = distances.frechet_distance_from_features(fb, fa)
-    if "kid" in want:
-      m["kid_digits"] = distances.kid(feats, fa, subset_size=ev.kid_subset_size)[0]
-      m["kid_digits_real_baseline"] = distances.kid(fb, fa, subset_size=ev.kid_subset_size)[0]
-  elif kind == "inception":
+    return self._once("classifier", lambda: dc.load_or_train(self.u.s.data.data_dir, log=logger.info))
+
+  def _digits_reference(self, logger: Logger):
+    """Classifier features of the real halves A and B."""
+    from diffusax.evaluation import digits_classifier as dc
+    def build():
+      cparams = self._classifier(logger)[0]
+      half_a, half_b = dc.real_halves(self.u.s.data.data_dir)
+      return dc.apply(cparams, half_a)[1], dc.apply(cparams, half_b)[1]
+    return self._once("digits_reference", build)
+
+  def _inception_reference(self):
+    """(the FID Inception network, its pool features of the real eval split)."""
     from diffusax.evaluation import inception
-    net = inception.load_fid_inception(ev.inception_weights)
-    real = _real_images(s, s.data.eval_split or s.data.split)
-    fg, fr = net.pool_features(gen["samples"]), net.pool_features(real)
-    if "fd" in want:
-      m["fid"] = distances.frechet_distance_from_features(fg, fr)
-    if "kid" in want:
-      m["kid"] = distances.kid(fg, fr, subset_size=ev.kid_subset_size)[0]
-  return m, extra
+    def build():
+      s = self.u.s
+      net = inception.load_fid_inception(s.eval.inception_weights)
+      return net, net.pool_features(_real_images(s, s.data.eval_split or s.data.split))
+    return self._once("inception_reference", build)
+
+  def _sample_metrics(self, params, step: int, workdir: str, logger: Logger) -> tuple[dict, dict]:
+    u, s, ev = self.u, self.u.s, self.u.s.eval
+    spec = sample_prog.job_spec(u, step, num_samples=ev.num_samples)
+    out_dir = os.path.join(workdir, "eval", os.path.basename(sample_prog.default_out_dir(workdir, spec))
+                           + f"_n{spec.num_samples}")
+    # The sample function depends on the sampler settings, not on the checkpoint step.
+    fn = self._once("sample_fn", lambda: train._count("eval_sample", job_lib.make_sample_fn(
+        u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class)))
+    sample_prog.generate(u, params, spec, out_dir, logger, sample_fn=fn)
+    gen = job_lib.load(out_dir)
+    m, extra = {}, {"samples_dir": out_dir}
+    want = set(ev.metrics)
+    kind = feature_kind(s) if want & {"fd", "kid"} else None
+    if s.data.name == "sklearn_digits" and (kind == "digits" or "class_accuracy" in want):
+      # The digits classifier: features for fd/kid, predictions for class accuracy.
+      from diffusax.evaluation import digits_classifier as dc
+      cparams, info = self._classifier(logger)
+      extra["classifier"] = {k: info[k] for k in ("version", "seed", "steps", "test_accuracy")}
+      logits, feats = dc.apply(cparams, gen["samples"])
+      if "class_accuracy" in want and spec.num_classes:
+        m["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == gen["labels"]))
+    if kind == "digits":
+      fa, fb = self._digits_reference(logger)
+      if "fd" in want:
+        m["fd_digits"] = distances.frechet_distance_from_features(feats, fa)
+        m["fd_digits_real_baseline"] = distances.frechet_distance_from_features(fb, fa)
+      if "kid" in want:
+        m["kid_digits"] = distances.kid(feats, fa, subset_size=ev.kid_subset_size)[0]
+        m["kid_digits_real_baseline"] = distances.kid(fb, fa, subset_size=ev.kid_subset_size)[0]
+    elif kind == "inception":
+      net, fr = self._inception_reference()
+      fg = net.pool_features(gen["samples"])
+      if "fd" in want:
+        m["fid"] = distances.frechet_distance_from_features(fg, fr)
+      if "kid" in want:
+        m["kid"] = distances.kid(fg, fr, subset_size=ev.kid_subset_size)[0]
+    return m, extra
+
+  # -- likelihood: bpd_vlb, bpd_ode --------------------------------------------------------------
+
+  def _likelihood(self):
+    """Held-out inputs, fixed keys and jitted (params, x, key) -> per-example nats functions."""
+    def build():
+      u, s, ev = self.u, self.u.s, self.u.s.eval
+      from diffusax.nn import bridge
+      data = _real_images(s, s.data.eval_split or s.data.split, ev.bpd_examples)
+      is_8bit = data.dtype == np.uint8
+      null = s.loss.null_class
+      cond = None if null is None else jnp.full((len(data),), null, jnp.int32)
+      target, sched = s.loss.target, u.schedule
+      t_max = ode.default_t_max(sched, target)
+      key = jax.random.fold_in(jax.random.key(s.sample.seed), 0xB9D)
+      grid = (likelihood.ddpm_grid(sched) if hasattr(sched, "num_steps")
+              else ode.time_grid(sched, ev.vlb_steps, ev.t_min, t_max))
+
+      def vlb(params, x, k):
+        model = Model(bridge.denoiser(u.module, {"params": params}), target, sched, cond)
+        return likelihood.vlb_terms(sched, lambda xt, t: model.predict(xt, t[0])[0], x, k, grid,
+                                    decoder="discretized" if is_8bit else "gaussian")["total"]
+
+      def nll_ode(params, x, k):
+        return ode.ode_log_likelihood(bridge.denoiser(u.module, {"params": params}), target, sched, x, k,
+                                      cond=cond, num_steps=ev.ode_steps, solver=ev.ode_solver,
+                                      divergence=ev.hutchinson, t_min=ev.t_min, t_max=t_max)[0]
+
+      k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
+      return {"d": int(np.prod(data.shape[1:])), "is_8bit": is_8bit,
+              "vlb": (jax.jit(train._count("eval_bpd_vlb", vlb)),
+                      jnp.asarray(data, jnp.float32) / 127.5 - 1.0 if is_8bit else jnp.asarray(data, jnp.float32),
+                      jax.random.fold_in(key, 0)),
+              "ode": (jax.jit(train._count("eval_bpd_ode", nll_ode)),
+                      ode.dequantize(data, k1) if is_8bit else jnp.asarray(data, jnp.float32), k2)}
+    return self._once("likelihood", build)
+
+  def _likelihood_metrics(self, params) -> dict:
+    ev, lk = self.u.s.eval, self._likelihood()
+    m = {}
+    if "bpd_vlb" in ev.metrics:
+      fn, x, k = lk["vlb"]
+      m["bpd_vlb"] = float(jnp.mean(likelihood.bits_per_dim(fn(params, x, k), lk["d"])))
+    if "bpd_ode" in ev.metrics:
+      fn, x, k = lk["ode"]
+      m["bpd_ode"] = float(jnp.mean(ode.bits_per_dim(fn(params, x, k), lk["d"], dequantized=lk["is_8bit"])))
+    return m
+
+  def evaluate(self, params, step: int, workdir: str, logger: Logger) -> dict:
+    """Every metric of eval.metrics for `params`; writes WORKDIR/eval/eval_<step>.json and TensorBoard scalars."""
+    s, ev = self.u.s, self.u.s.eval
+    t0 = time.perf_counter()
+    metrics, extra = {}, {}
+    if set(ev.metrics) & {"fd", "kid", "class_accuracy"}:
+      m, extra = self._sample_metrics(params, step, workdir, logger)
+      metrics.update(m)
+    if set(ev.metrics) & {"bpd_vlb", "bpd_ode"}:
+      metrics.update(self._likelihood_metrics(params))
+    result = {"step": step, "metrics": metrics, "num_samples": ev.num_samples,
+              "sampler": {"method": s.sample.method, "num_steps": s.sample.num_steps,
+                          "guidance_scale": s.sample.guidance_scale, "eta": s.sample.eta, "seed": s.sample.seed},
+              "likelihood": {"examples": ev.bpd_examples, "split": s.data.eval_split or s.data.split,
+                             "vlb_steps": ev.vlb_steps, "ode_steps": ev.ode_steps, "ode_solver": ev.ode_solver,
+                             "hutchinson": ev.hutchinson, "t_min": ev.t_min},
+              "seconds": round(time.perf_counter() - t0, 1), **extra}
+    if jax.process_index() == 0:
+      path = os.path.join(workdir, "eval", f"eval_{step:07d}.json")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      job_lib.atomic_write(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
+      result["path"] = path
+    logger.scalars({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}, step)
+    logger.info(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return result
 
 
 def _real_images(s: Settings, split: str, limit: int | None = None) -> np.ndarray:
@@ -99,66 +217,6 @@ def _real_images(s: Settings, split: str, limit: int | None = None) -> np.ndarra
   batch = pipeline.read(src, np.arange(n))
   return np.asarray(batch["image"] if "image" in batch else batch["x"])
 
-
-def _likelihood_metrics(u: train.Setup, params) -> dict:
-  s, ev = u.s, u.s.eval
-  from diffusax.nn import bridge
-  data = _real_images(s, s.data.eval_split or s.data.split, ev.bpd_examples)
-  is_8bit = data.dtype == np.uint8
-  null = s.loss.null_class
-  cond = None if null is None else jnp.full((len(data),), null, jnp.int32)
-  denoise = bridge.denoiser(u.module, {"params": params})
-  target, sched = s.loss.target, u.schedule
-  d = int(np.prod(data.shape[1:]))
-  t_max = ode.default_t_max(sched, target)
-  key = jax.random.fold_in(jax.random.key(s.sample.seed), 0xB9D)
-  m = {}
-  if "bpd_vlb" in ev.metrics:
-    x0 = jnp.asarray(data, jnp.float32) / 127.5 - 1.0 if is_8bit else jnp.asarray(data, jnp.float32)
-    grid = (likelihood.ddpm_grid(sched) if hasattr(sched, "num_steps")
-            else ode.time_grid(sched, ev.vlb_steps, ev.t_min, t_max))
-    model = Model(denoise, target, sched, cond)
-    fn = jax.jit(lambda x, k: likelihood.vlb_terms(sched, lambda xt, t: model.predict(xt, t[0])[0], x, k, grid,
-                                                   decoder="discretized" if is_8bit else "gaussian")["total"])
-    m["bpd_vlb"] = float(jnp.mean(likelihood.bits_per_dim(fn(x0, jax.random.fold_in(key, 0)), d)))
-  if "bpd_ode" in ev.metrics:
-    k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
-    x = ode.dequantize(data, k1) if is_8bit else jnp.asarray(data, jnp.float32)
-    fn = jax.jit(lambda x, k: ode.ode_log_likelihood(denoise, target, sched, x, k, cond=cond,
-                                                     num_steps=ev.ode_steps, solver=ev.ode_solver,
-                                                     divergence=ev.hutchinson, t_min=ev.t_min, t_max=t_max)[0])
-    m["bpd_ode"] = float(jnp.mean(ode.bits_per_dim(fn(x, k2), d, dequantized=is_8bit)))
-  return m
-
-
-def evaluate_params(u: train.Setup, params, step: int, workdir: str, logger: Logger) -> dict:
-  """Every metric of eval.metrics for `params`; writes WORKDIR/eval/eval_<step>.json and TensorBoard scalars.
-
-  The training program can call this at its eval interval with the EMA params.
-  """
-  s, ev = u.s, u.s.eval
-  t0 = time.perf_counter()
-  metrics, extra = {}, {}
-  if set(ev.metrics) & {"fd", "kid", "class_accuracy"}:
-    m, extra = _sample_metrics(u, params, step, workdir, logger)
-    metrics.update(m)
-  if set(ev.metrics) & {"bpd_vlb", "bpd_ode"}:
-    metrics.update(_likelihood_metrics(u, params))
-  result = {"step": step, "metrics": metrics, "num_samples": ev.num_samples,
-            "sampler": {"method": s.sample.method, "num_steps": s.sample.num_steps,
-                        "guidance_scale": s.sample.guidance_scale, "eta": s.sample.eta, "seed": s.sample.seed},
-            "likelihood": {"examples": ev.bpd_examples, "split": s.data.eval_split or s.data.split,
-                           "vlb_steps": ev.vlb_steps, "ode_steps": ev.ode_steps, "ode_solver": ev.ode_solver,
-                           "hutchinson": ev.hutchinson, "t_min": ev.t_min},
-            "seconds": round(time.perf_counter() - t0, 1), **extra}
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, "eval", f"eval_{step:07d}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    job_lib.atomic_write(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
-    result["path"] = path
-  logger.scalars({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}, step)
-  logger.info(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-  return result
 
 
 def check(s: Settings) -> None:
@@ -173,6 +231,6 @@ def run(s: Settings, workdir: str) -> dict:
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   try:
     params, step = sample_prog.restore_ema(u, workdir, u.s.sample.checkpoint_step, logger)
-    return evaluate_params(u, params, step, workdir, logger)
+    return Evaluator(u).evaluate(params, step, workdir, logger)
   finally:
     logger.close()

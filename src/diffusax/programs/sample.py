@@ -54,10 +54,15 @@ def default_out_dir(workdir: str, spec: job_lib.JobSpec) -> str:
                       f"_w{spec.guidance_scale:g}_seed{spec.seed}")
 
 
-def generate(u: train.Setup, params, spec: job_lib.JobSpec, out_dir: str, logger: Logger) -> dict:
-  """Runs (or finishes) the job and writes its grid; returns the job's summary with the grid path."""
+def generate(u: train.Setup, params, spec: job_lib.JobSpec, out_dir: str, logger: Logger,
+             sample_fn=None) -> dict:
+  """Runs (or finishes) the job and writes its grid; returns the job's summary with the grid path.
+
+  `sample_fn`: `job_lib.make_sample_fn`'s function for `spec`, when the caller keeps one to reuse
+  (the same function object is jitted without retracing); default: a new one.
+  """
   s = u.s
-  fn = job_lib.make_sample_fn(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class)
+  fn = sample_fn or job_lib.make_sample_fn(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class)
   is_image = len(u.sample_shape) == 3
   out = job_lib.run_job(fn, params, spec, out_dir, u.mesh, log=logger.info, is_image=is_image)
   if jax.process_index() == 0:

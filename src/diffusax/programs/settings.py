@@ -19,10 +19,10 @@ from diffusax.training.optimizer import OptimConfig
 from diffusax.training.step import LossConfig
 
 
-MESH_STRATEGIES = ("mesh", "pmap")
+MESH_STRATEGIES = ("mesh", "pmap")  # How the train step is parallelised (see programs/train.py).
 # Network options that change how it computes, not its parameters: a checkpoint written with one
 # value restores with another.
-COMPUTE_ONLY_KWARGS = ("remat",)  # How the train step is parallelised (see programs/train.py).
+COMPUTE_ONLY_KWARGS = ("remat",)
 
 
 class ConfigError(ValueError):

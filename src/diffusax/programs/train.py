@@ -273,15 +273,17 @@ def train_and_evaluate(s: Settings, workdir: str, devices=None) -> dict:
   """
   u = setup(s, devices)
   s = u.s
+  evaluator = None
   if s.train.full_eval:
     from diffusax.programs import evaluate  # Deferred: evaluate builds on this module.
     evaluate.check(s)  # A missing Inception weights file is refused before training, not at the first eval.
+    evaluator = evaluate.Evaluator(u)  # Compiles on first use, then serves every eval interval.
   os.makedirs(workdir, exist_ok=True)
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   ckpt = None
   try:
     ckpt = open_checkpointer(u, workdir, logger)
-    return _train_loop(u, workdir, logger, ckpt)
+    return _train_loop(u, workdir, logger, ckpt, evaluator)
   except BaseException:
     # Stop the background writers (orbax, the event file) so the process can exit with the error
     # instead of hanging on their threads; a failed save is not retried.
@@ -294,11 +296,6 @@ def train_and_evaluate(s: Settings, workdir: str, devices=None) -> dict:
     raise
 
 
-def _full_eval(u: Setup, ema_params, step: int, workdir: str, logger: Logger) -> dict:
-  from diffusax.programs import evaluate
-  return evaluate.evaluate_params(u, ema_params, step, workdir, logger)
-
-
 def _check_replicas(state, step: int, logger: Logger) -> None:
   """Every process must hold bit-identical copies of the replicated arrays (else: a fault or
   non-deterministic arithmetic); the checkpoint is already written either way."""
@@ -309,7 +306,8 @@ def _check_replicas(state, step: int, logger: Logger) -> None:
   logger.info(f"replica check: {n} replicated arrays are bit-identical on all {jax.process_count()} processes")
 
 
-def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpointer) -> dict:
+def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpointer, evaluator=None) -> dict:
+  """`evaluator`: a `programs.evaluate.Evaluator` run at every eval interval and at the end (train.full_eval)."""
   s = u.s
   it = make_iterator(u)
   abstract = ckpt_lib.abstract_like(u.abstract_state, u.state_shardings)
@@ -363,8 +361,8 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
         ev = evaluate_loss(u, eval_fn, ema, eval_source)
         logger.scalars({"eval_loss_ema": ev}, done)
         write_samples(u, ema, done, workdir, logger, gen)
-        if s.train.full_eval:
-          _full_eval(u, ema, done, workdir, logger)
+        if evaluator is not None:
+          evaluator.evaluate(ema, done, workdir, logger)
   state = runner.from_run(run_state)
   if int(state.step) != start or ckpt.latest_step() != int(state.step):
     save(state)
@@ -384,8 +382,8 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
             "train_loss_last": history[-1]["loss"] if history else None,
             "checkpoint": os.path.join(ckpt.directory, str(final_step))}
   logger.scalars({"eval_loss_ema": ev}, final_step)
-  if s.train.full_eval:
-    result["eval"] = _full_eval(u, state.ema_params[0], final_step, workdir, logger)["metrics"]
+  if evaluator is not None:
+    result["eval"] = evaluator.evaluate(state.ema_params[0], final_step, workdir, logger)["metrics"]
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({**result, "history": history}, f, indent=1)
