@@ -10,10 +10,16 @@ framework's overhead. The "+cfg" rows wrap a label-dependent denoiser in
 `guidance.cfg` (traced scale); their floor does the same doubled-batch call
 (concatenate [x; x] and [labels; null], split, combine). Run by hand:
 
-    .venv/bin/python benchmarks/sampler_overhead.py [--steps 20] [--repeats 15] [--methods heun,euler]
+    .venv/bin/python benchmarks/sampler_overhead.py [--steps 100] [--repeats 15] [--methods heun,euler]
 
-Sampler and floor calls alternate one by one (the machine is shared and noisy);
-"ratio" compares the fastest call of each, "ratio_median" the medians. Writes
+Each row is measured twice: with the step count traced (`jit(f)(x, key, n)`,
+one compiled program for every n) and static (`static_argnums`, as the
+programs and the sampling job call it, where samplers with a per-step `plan`
+tabulate their scalars before the loop; see `samplers.driver`). The floor is
+always static. Sampler and floor calls alternate one by one (the machine is
+shared and noisy); "ratio" compares the fastest call of each, "ratio_median"
+the medians. 100 steps by default: at 20 steps a call is about a millisecond
+and the ratios swing by +-0.2 between runs. Writes
 benchmarks/sampler_overhead.json (unless --methods picks a subset) and prints a table.
 """
 from __future__ import annotations
@@ -184,7 +190,7 @@ def _time_pair(fs, ff, args_s, args_f, repeats, budget_s=3.0):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--steps", type=int, default=100)
   ap.add_argument("--repeats", type=int, default=15)
   ap.add_argument("--methods", default="", help="comma-separated rows (default: all; then the JSON is written)")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_overhead.json"))
@@ -200,25 +206,26 @@ def main():
   rows = {}
   print(f"per-step ms at batch {SHAPE}, {args.steps} steps, >= {args.repeats} alternating calls "
         f"({jax.devices()[0].platform})")
-  print(f"{'row':22s}{'sampler':>9s}{'floor':>9s}{'ratio':>7s}{'median':>8s}")
+  print(f"{'row':22s}{'n':>7s}{'sampler':>9s}{'floor':>9s}{'ratio':>7s}{'median':>8s}")
   for name in names:
     method, sch, floor, guided = CASES[name]
     if guided:
-      fs = jax.jit(lambda x, key, n, w, sch=sch, method=method: samplers.sample(
+      f = lambda x, key, n, w, sch=sch, method=method: samplers.sample(
           guidance.cfg(den_c, null_cond=NULL, scale=w), "eps", sch, x, method=method, num_steps=n, key=key,
-          cond=labels))
+          cond=labels)
       ff = jax.jit(lambda x, key, n, w, floor=floor: floor(x, key, n, labels, w), static_argnums=2)
       extra = (w,)
     else:
-      fs = jax.jit(lambda x, key, n, sch=sch, method=method: samplers.sample(den, "eps", sch, x, method=method,
-                                                                            num_steps=n, key=key))
+      f = lambda x, key, n, sch=sch, method=method: samplers.sample(den, "eps", sch, x, method=method,
+                                                                    num_steps=n, key=key)
       ff = jax.jit(floor, static_argnums=2)
       extra = ()
     a = (x, key, args.steps) + extra
-    s_min, s_med, f_min, f_med = (1e3 * v / args.steps for v in _time_pair(fs, ff, a, a, args.repeats))
-    rows[name] = {"sampler_ms_per_step": s_min, "floor_ms_per_step": f_min, "ratio": s_min / f_min,
-                  "ratio_median": s_med / f_med}
-    print(f"{name:22s}{s_min:9.3f}{f_min:9.3f}{s_min / f_min:7.2f}{s_med / f_med:8.2f}")
+    for mode, fs in (("traced", jax.jit(f)), ("static", jax.jit(f, static_argnums=2))):
+      s_min, s_med, f_min, f_med = (1e3 * v / args.steps for v in _time_pair(fs, ff, a, a, args.repeats))
+      rows[f"{name} {mode}"] = {"sampler_ms_per_step": s_min, "floor_ms_per_step": f_min,
+                                "ratio": s_min / f_min, "ratio_median": s_med / f_med}
+      print(f"{name:22s}{mode:>7s}{s_min:9.3f}{f_min:9.3f}{s_min / f_min:7.2f}{s_med / f_med:8.2f}")
   if names == list(CASES):
     with open(args.out, "w") as fh:
       json.dump({"shape": SHAPE, "steps": args.steps, "min_repeats": args.repeats, "rows": rows}, fh, indent=1)

@@ -91,6 +91,20 @@ def test_every_conversion_matches_definitions(name):
     _close(got, true[dst])
 
 
+@pytest.mark.parametrize("name", ["vp_linear", "flow"])
+def test_x0_eps_weights_solve_the_definitions(name):
+  """x0 = A x_t + B pred and eps = C x_t + D pred hold for the true pred of every target (samplers' fast path)."""
+  _, x0, eps, t, xt, (a, s, da, ds) = _case(name)
+  true = np_targets(x0, eps, a, s, da, ds)
+  for target in TARGETS:
+    w = [np.asarray(c, np.float64)[:, None] for c in targets.x0_eps_weights(
+        target, *(jnp.asarray(c, jnp.float32) for c in (a, s, da, ds)))]
+    _close(w[0] * xt + w[1] * true[target], x0)
+    _close(w[2] * xt + w[3] * true[target], eps)
+  with pytest.raises(ValueError, match="d_alpha and d_sigma"):
+    targets.x0_eps_weights("flow", 1.0, 0.5)
+
+
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_round_trips(name):
   """convert(convert(p, a, b), b, a) == p for arbitrary p (not only the true target value)."""

@@ -66,6 +66,32 @@ def to_x0_eps(pred, target, x_t, alpha, sigma, d_alpha=None, d_sigma=None):
   return (ds * x_t - s * pred) / det, (a * pred - da * x_t) / det
 
 
+def x0_eps_weights(target, alpha, sigma, d_alpha=None, d_sigma=None):
+  """Scalars (A, B, C, D) with x0 = A x_t + B pred and eps = C x_t + D pred (the solve of `to_x0_eps`).
+
+  Samplers that tabulate them per step convert with two multiply-adds per
+  element and no divide. alpha, sigma (and d_alpha, d_sigma for 'flow') are
+  scalars or arrays of one shape; the weights have that shape, float32.
+  """
+  check_target(target)
+  a, s = jnp.asarray(alpha, F32), jnp.asarray(sigma, F32)
+  zero, one = jnp.zeros_like(a * s), jnp.ones_like(a * s)
+  if target == "eps":
+    return 1.0 / a, -s / a, zero, one
+  if target == "x0":
+    return zero, one, 1.0 / s, -a / s
+  if target == "v":
+    n = a * a + s * s
+    return a / n, -s / n, s / n, a / n
+  if target == "score":
+    return 1.0 / a, s * s / a, zero, -s
+  if d_alpha is None or d_sigma is None:
+    raise ValueError("converting the 'flow' target needs d_alpha and d_sigma (d alpha/dt, d sigma/dt)")
+  da, ds = jnp.asarray(d_alpha, F32), jnp.asarray(d_sigma, F32)
+  det = a * ds - s * da
+  return ds / det, -s / det, -da / det, a / det
+
+
 def from_x0_eps(x0, eps, target, alpha, sigma, d_alpha=None, d_sigma=None):
   """The value of `target` for the pair (x0, eps), float32."""
   check_target(target, "dst")

@@ -31,25 +31,34 @@ def _sampler(model: Model, heun: bool, *, spacing: str = "trailing", t_min=None,
   def levels(state, i):
     return grid.levels(schedule, t_at, i, state.n)
 
-  def init(x_T, key, n):
-    return driver.init_state(x_T, key, n)
+  def plan(i, n, last=None):
+    """Every scalar of step i (tabulated per step when n is static; see `driver`)."""
+    lv = grid.levels(schedule, t_at, i, n, last)
+    return dict(t=lv.t, t_next=lv.t_next, dt=lv.t_next - lv.t, last=jnp.asarray(lv.last),
+                m=model.coef(lv.t), m_next=model.coef(lv.t_next),
+                d=(schedule.d_alpha(lv.t), schedule.d_sigma(lv.t)),
+                d_next=(schedule.d_alpha(lv.t_next), schedule.d_sigma(lv.t_next)))
 
-  def velocity(x, t):
-    x0, eps, _ = model.predict(x, t)
-    return schedule.d_alpha(t) * x0 + schedule.d_sigma(t) * eps, x0
+  def init(x_T, key, n):
+    return driver.init_state(x_T, key, n, plan=plan)
+
+  def velocity(x, t, m, d):
+    """(u, x0_hat) from one network call; u = d_alpha x0_hat + d_sigma eps_hat."""
+    out, _ = model.output(x, t)
+    return model.combine(x, out, m, d[0], d[1]), model.x0_eps(x, out, m)[0]
 
   def step(state, i, last=None):
-    lv = grid.levels(schedule, t_at, i, state.n, last)
-    u, x0 = velocity(state.x, lv.t)
-    dt = lv.t_next - lv.t
-    x_next = state.x + dt * u
+    c = driver.coefs(state, plan, i, last)
+    last = c["last"] if last is None else last
+    u, x0 = velocity(state.x, c["t"], c["m"], c["d"])
+    x_next = state.x + c["dt"] * u
     if heun:
       def correct():
-        u1, _ = velocity(x_next, lv.t_next)
-        return state.x + dt * 0.5 * (u + u1)
-      x_next = driver.branch(lv.last, lambda: x0, correct)
+        u1, _ = velocity(x_next, c["t_next"], c["m_next"], c["d_next"])
+        return state.x + c["dt"] * 0.5 * (u + u1)
+      x_next = driver.branch(last, lambda: x0, correct)
     else:
-      x_next = jnp.where(lv.last, x0, x_next)
+      x_next = jnp.where(last, x0, x_next)
     return state._replace(x=x_next)
 
   # Heun's last step skips the corrector: `run` peels it off the loop (see `driver`).

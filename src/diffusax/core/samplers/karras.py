@@ -42,40 +42,49 @@ def _sampler(model: Model, heun: bool, *, churn=0.0, s_tmin=0.0, s_tmax=float("i
   def levels(state, i):
     return grid.levels(schedule, t_at, i, state.n)
 
-  def init(x_T, key, n):
-    return driver.init_state(x_T, key, n)
-
-  def denoise(xs, t):
-    return model.predict(schedule.alpha(t) * xs, t)[0]
-
-  def step(state, i, last=None):
-    lv = grid.levels(schedule, t_at, i, state.n, last)
+  def plan(i, n, last=None):
+    """Every scalar of step i (tabulated per step when n is static; see `driver`)."""
+    lv = grid.levels(schedule, t_at, i, n, last)
     sig = lv.sigma / lv.alpha
     sig_next = lv.sigma_next / lv.alpha_next
     if use_churn:
       gamma = jnp.where((sig >= s_tmin) & (sig <= s_tmax),
-                        jnp.minimum(churn / state.n.astype(F32), math.sqrt(2.0) - 1.0), 0.0)
+                        jnp.minimum(churn / jnp.asarray(n, F32), math.sqrt(2.0) - 1.0), 0.0)
       sig_hat = sig * (1.0 + gamma)
-      std = jnp.sqrt(jnp.maximum(sig_hat ** 2 - sig ** 2, 0.0)) * s_noise
       # Churn noise std * z on x~ is alpha * std * z on x, added before the division so that the
       # cond passes state.x through untouched when gamma = 0 and x / alpha fuses into the update.
-      x = driver.add_noise(state.x, lv.alpha * std, gamma > 0, state.key, i)
+      std = lv.alpha * jnp.sqrt(jnp.maximum(sig_hat ** 2 - sig ** 2, 0.0)) * s_noise
       t_hat = jnp.where(gamma > 0, schedule.t_from_edm_sigma(sig_hat), lv.t)
+      churned = gamma > 0
     else:
-      x, sig_hat, t_hat = state.x, sig, lv.t
-    inv_alpha, inv_sig_hat = driver.reciprocal(lv.alpha), driver.reciprocal(sig_hat)
-    xs = x * inv_alpha
-    d0 = denoise(xs, t_hat)
-    deriv = (xs - d0) * inv_sig_hat
-    xs_next = xs + (sig_next - sig_hat) * deriv
+      sig_hat, t_hat, std, churned = sig, lv.t, jnp.zeros((), F32), jnp.zeros((), bool)
+    m = model.coef(t_hat)
+    return dict(t_hat=t_hat, t_next=lv.t_next, alpha_next=lv.alpha_next, std=std, churned=churned,
+                inv_alpha=driver.reciprocal(lv.alpha), inv_sig_hat=driver.reciprocal(sig_hat),
+                # 1 / 0 = inf at the last step, where the corrector that uses it never runs.
+                inv_sig_next=driver.reciprocal(sig_next), dsig=sig_next - sig_hat,
+                m=m, m_next=model.coef(lv.t_next), last=jnp.asarray(lv.last))
+
+  def init(x_T, key, n):
+    return driver.init_state(x_T, key, n, plan=plan)
+
+  def step(state, i, last=None):
+    c = driver.coefs(state, plan, i, last)
+    last = c["last"] if last is None else last
+    x = driver.add_noise(state.x, c["std"], c["churned"], state.key, i) if use_churn else state.x
+    xs = x * c["inv_alpha"]
+    # Without churn the network input alpha(t_hat) x~ is x itself: no multiply to undo the division.
+    d0 = model.predict(c["m"].alpha * xs if use_churn else x, c["t_hat"], c["m"])[0]
+    deriv = (xs - d0) * c["inv_sig_hat"]
+    xs_next = xs + c["dsig"] * deriv
     if heun:
       def correct():
-        d1 = denoise(xs_next, lv.t_next)
-        return xs + (sig_next - sig_hat) * 0.5 * (deriv + (xs_next - d1) * driver.reciprocal(sig_next))
-      xs_next = driver.branch(lv.last, lambda: d0, correct)
+        d1 = model.predict(c["alpha_next"] * xs_next, c["t_next"], c["m_next"])[0]
+        return xs + c["dsig"] * 0.5 * (deriv + (xs_next - d1) * c["inv_sig_next"])
+      xs_next = driver.branch(last, lambda: d0, correct)
     else:
-      xs_next = jnp.where(lv.last, d0, xs_next)
-    return state._replace(x=lv.alpha_next * xs_next)
+      xs_next = jnp.where(last, d0, xs_next)
+    return state._replace(x=c["alpha_next"] * xs_next)
 
   # Heun's last step skips the corrector: `run` peels it off the loop (see `driver`).
   return driver.Sampler(init, lambda s, i: step(s, i), levels, step if heun else None)

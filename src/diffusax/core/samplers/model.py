@@ -8,7 +8,9 @@ implied pair (x0_hat, eps_hat), solving
 
     x_t = alpha(t) x0_hat + sigma(t) eps_hat,   pred = f_target(x0_hat, eps_hat)
 
-(`targets.to_x0_eps`), so each sampler works with every target.
+(`targets.to_x0_eps`, evaluated as x0 = A x_t + B pred, eps = C x_t + D pred with
+the scalar weights of `targets.x0_eps_weights`: no elementwise divide), so each
+sampler works with every target.
 
 Learned variance (improved DDPM, Nichol & Dhariwal 2021, eq. 15): with
 `learned_variance=True` the network returns 2C channels on the last axis; the
@@ -19,12 +21,23 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 
 from diffusax.core import targets as targets_lib
 from diffusax.core.schedules import Schedule
 
 F32 = jnp.float32
+
+
+class Coef(NamedTuple):
+  """The schedule's scalars at t that `Model.predict` converts with.
+
+  w = (A, B, C, D): x0 = A x_t + B pred, eps = C x_t + D pred (`targets.x0_eps_weights`).
+  """
+  alpha: jnp.ndarray
+  sigma: jnp.ndarray
+  w: tuple
 
 
 class Model(NamedTuple):
@@ -46,31 +59,57 @@ class Model(NamedTuple):
   learned_variance: bool = False
   clip_x0: Optional[float] = None
 
-  def predict(self, x, t):
-    """One network call at a scalar time t: returns (x0_hat, eps_hat, v or None), float32 [B, ...]."""
-    x = jnp.asarray(x, F32)
+  def coef(self, t) -> Coef:
+    """The conversion scalars at a scalar time t (a sampler's `plan` tabulates them per step)."""
     t = jnp.asarray(t, F32)
-    tb = jnp.broadcast_to(t, (x.shape[0],))
+    a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+    da, ds = (self.schedule.d_alpha(t), self.schedule.d_sigma(t)) if self.target == "flow" else (None, None)
+    # The barrier keeps x * (1 / alpha) a multiply (XLA folds it into a divide; see driver.reciprocal).
+    w = jax.lax.optimization_barrier(targets_lib.x0_eps_weights(self.target, a, s, da, ds))
+    return Coef(a, s, w)
+
+  def output(self, x, t):
+    """One network call at a scalar time t: (prediction of target, v or None), float32 [B, ...]."""
+    x = jnp.asarray(x, F32)
+    tb = jnp.broadcast_to(jnp.asarray(t, F32), (x.shape[0],))
     out = jnp.asarray(self.denoise(x, tb, self.cond), F32)
-    v = None
     if self.learned_variance:
       c = x.shape[-1]
       if out.shape[-1] != 2 * c:
         raise ValueError(f"learned_variance=True needs a denoiser output with 2C = {2 * c} channels "
                          f"on the last axis; got output shape {tuple(out.shape)} for x_t {tuple(x.shape)}")
-      out, v = out[..., :c], out[..., c:]
-    elif out.shape != x.shape:
+      return out[..., :c], out[..., c:]
+    if out.shape != x.shape:
       raise ValueError(f"denoiser output shape {tuple(out.shape)} differs from x_t shape {tuple(x.shape)} "
                        "(pass learned_variance=True for a 2C-channel output)")
-    a, s = self.schedule.alpha(t), self.schedule.sigma(t)
-    if self.target == "flow":
-      da, ds = self.schedule.d_alpha(t), self.schedule.d_sigma(t)
-    else:
-      da = ds = None
-    x0, eps = targets_lib.to_x0_eps(out, self.target, x, a, s, da, ds)
+    return out, None
+
+  def x0_eps(self, x, out, coef: Coef):
+    """(x0_hat, eps_hat) implied by the prediction `out` at x (clipped as `clip_x0` says)."""
+    a_, b_, c_, d_ = coef.w
+    x = jnp.asarray(x, F32)
+    x0 = out if self.target == "x0" else a_ * x + b_ * out
+    eps = out if self.target == "eps" else c_ * x + d_ * out
     if self.clip_x0 is not None:
       x0 = jnp.clip(x0, -self.clip_x0, self.clip_x0)
-      eps = (x - a * x0) / s
+      eps = (x - coef.alpha * x0) / coef.sigma
+    return x0, eps
+
+  def combine(self, x, out, coef: Coef, k_x0, k_eps):
+    """k_x0 x0_hat + k_eps eps_hat (scalars k), as one multiply-add per operand when nothing is clipped."""
+    if self.clip_x0 is not None:
+      x0, eps = self.x0_eps(x, out, coef)
+      return k_x0 * x0 + k_eps * eps
+    a_, b_, c_, d_ = coef.w
+    return (k_x0 * a_ + k_eps * c_) * jnp.asarray(x, F32) + (k_x0 * b_ + k_eps * d_) * out
+
+  def predict(self, x, t, coef: Optional[Coef] = None):
+    """One network call at a scalar time t: returns (x0_hat, eps_hat, v or None), float32 [B, ...].
+
+    coef: `self.coef(t)` when the caller already has it (from a per-step table); else computed here.
+    """
+    out, v = self.output(x, t)
+    x0, eps = self.x0_eps(x, out, self.coef(t) if coef is None else coef)
     return x0, eps, v
 
 
