@@ -12,7 +12,8 @@ their compute shows as the gap between the untraced step and the op sum.
 
     .venv/bin/python benchmarks/profile_step.py [--case c32] [--eigen on] [--steps 5]
 
-Writes benchmarks/profile_step_<case>_<eigen>.json (the category table). Uses
+Writes benchmarks/profile_step_<case>_<eigen>.json (on a GPU _gpu.json, bf16 at the GPU batch;
+or --out) with the category table. Uses
 train_step.py's compilation cache directory, so after a train_step.py run it
 starts in seconds.
 """
@@ -83,6 +84,7 @@ def main():
   ap.add_argument("--eigen", default="on", choices=("on", "off"))
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--top", type=int, default=25)
+  ap.add_argument("--out", default="", help="JSON path (default: benchmarks/profile_step_<case>_<eigen|gpu>.json)")
   ap.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "diffusax_benchmark_cache"),
                   help="runtime.compilation_cache_dir (shared with train_step.py); '' = off")
   args = ap.parse_args()
@@ -94,17 +96,19 @@ def main():
   import train_step as ts
   from diffusax.programs import train
 
-  cfg, over, shape, b_cpu, _ = ts.CASES[args.case]
-  s = harness.settings(harness.load_config(cfg, {**over, "train.batch_size": b_cpu, "mesh.shape": (1, 1),
-                                                 "model.dtype": "float32"}))
-  if args.case == "digits":
+  cfg, over, shape, b_cpu, b_gpu = ts.CASES[args.case]
+  gpu = jax.default_backend() != "cpu"  # On a GPU: bf16 compute (float32 params) at train_step.py's GPU batch.
+  batch = b_gpu if gpu else b_cpu
+  s = harness.settings(harness.load_config(cfg, {**over, "train.batch_size": batch, "mesh.shape": (1, 1),
+                                                 "model.dtype": "bfloat16" if gpu else "float32"}))
+  if args.case.startswith("digits"):
     u = train.setup(s, devices=jax.devices()[:1])
     host = next(train.make_iterator(u))
   else:
     u = harness.setup_without_data(s, shape, None, devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
-    host = {"x": rng.uniform(-1, 1, (b_cpu,) + shape).astype(np.float32),
-            "label": rng.integers(0, 10, b_cpu).astype(np.int32)}
+    host = {"x": rng.uniform(-1, 1, (batch,) + shape).astype(np.float32),
+            "label": rng.integers(0, 10, batch).astype(np.int32)}
   runner = train.make_runner(u)
   state = runner.to_run(train.init_state(u))
   step_fn = inspect.getclosurevars(runner.step).nonlocals["step_fn"]
@@ -137,6 +141,15 @@ def main():
     if e.get("ph") == "X" and "dur" in e and e.get("name") in kinds:
       per_name[e["name"]] = per_name.get(e["name"], 0.0) + e["dur"] / 1e6 / args.steps
   total = sum(per_name.values())
+  if not per_name:  # Event names that are not HLO instruction names (a GPU trace's kernels, say): list them raw.
+    raw = {}
+    for e in events:
+      if e.get("ph") == "X" and "dur" in e:
+        raw[e.get("name", "?")] = raw.get(e.get("name", "?"), 0.0) + e["dur"] / 1e6 / args.steps
+    print(f"no trace event is named after an HLO instruction; top {args.top} raw events (ms/step):")
+    for n, t in sorted(raw.items(), key=lambda kv: -kv[1])[:args.top]:
+      print(f"{n[:70]:70s}{t * 1e3:9.2f}")
+    per_name, kinds, total = {n: t for n, t in raw.items()}, {n: "raw event" for n in raw}, sum(raw.values()) or 1.0
   cats = {}
   for n, t in per_name.items():
     cat = kinds[n]
@@ -158,9 +171,11 @@ def main():
   print(f"\ntop {args.top} instructions")
   for n, t in sorted(per_name.items(), key=lambda kv: -kv[1])[:args.top]:
     print(f"{n:40s}{kinds[n]:28s}{t * 1e3:9.1f}{t / total:7.1%}")
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"profile_step_{args.case}_{args.eigen}.json")
+  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                f"profile_step_{args.case}_{'gpu' if gpu else args.eigen}.json")
   with open(out, "w") as fh:
-    json.dump({"case": args.case, "eigen": args.eigen, "step_ms_untraced": step_s * 1e3, "wall_ms": wall * 1e3, "ops_ms": total * 1e3,
+    json.dump({"case": args.case, "backend": jax.default_backend(), "batch": batch,
+               "model_dtype": "bfloat16" if gpu else "float32", "eigen": args.eigen, "step_ms_untraced": step_s * 1e3, "wall_ms": wall * 1e3, "ops_ms": total * 1e3,
                "categories_ms": {c: t * 1e3 for c, t in cats.items()},
                "top": {n: [kinds[n], t * 1e3] for n, t in sorted(per_name.items(), key=lambda kv: -kv[1])[:50]}},
               fh, indent=1)

@@ -289,8 +289,10 @@ def worker(args) -> None:
   import jax
   import jax.numpy as jnp
 
-  backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
+  backend = "cpu" if jax.default_backend() == "cpu" and not args.gpu_path_on_cpu else "gpu"
   n, dt = (2048, jnp.float32) if backend == "cpu" else (8192, jnp.bfloat16)
+  if args.gpu_path_on_cpu:  # Smoke test of the GPU branch (bf16 model, bf16 peak): the figures mean nothing.
+    n = 1024
   names = [c for c in args.cases.split(",") if c] or list(DEFAULT_CASES[backend])
   say = lambda obj: print("@@" + json.dumps(obj), flush=True)
   say({"backend": backend})
@@ -315,7 +317,7 @@ def worker(args) -> None:
 class _Worker:
   def __init__(self, setting: str, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--eigen", setting, "--cases", args.cases,
-           "--cache_dir", args.cache_dir]
+           "--cache_dir", args.cache_dir] + (["--gpu_path_on_cpu"] if args.gpu_path_on_cpu else [])
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
   def read(self) -> dict:
@@ -348,7 +350,13 @@ def main():
   ap.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "diffusax_benchmark_cache"),
                   help="runtime.compilation_cache_dir of the workers (compiles are not measured here; a rerun "
                   "then starts in about half the time); '' = off")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.json"))
+  ap.add_argument("--out", default="", help="JSON path (default: benchmarks/train_step.json, written only when "
+                  "--cases is not given, so a subset never overwrites the full run)")
+  ap.add_argument("--spec_peak_tflops", type=float, default=0.0, help="also report MFU against this datasheet "
+                  "peak (dense bf16; H100 SXM: 989, H200: 989), beside util against the same-run matmul")
+  ap.add_argument("--gpu_path_on_cpu", action="store_true", help="run the GPU branch (model.dtype=bfloat16, "
+                  "bf16 peak matmul, GPU batch sizes) on the CPU as a smoke test before a GPU session; use with "
+                  "--cases digits --repeats 1 --settings on --out /tmp/x.json; its figures mean nothing")
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--eigen", default="on", help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -383,6 +391,10 @@ def main():
       w.close()
   results = {v: {"xla_flags": hello[v]["xla_flags"],
                  "cases": {n: summarize(hello[v]["ready"][n], times[v][n]) for n in names}} for v in workers}
+  if args.spec_peak_tflops > 0:  # MFU against the datasheet, beside util against the measured matmul.
+    for res in results.values():
+      for c in res["cases"].values():
+        c["mfu_vs_spec"] = c["flops_per_s"] / (args.spec_peak_tflops * 1e12)
   first = hello[settings[0]]
   print(f"\n{first['device']} ({harness.cpu_model() if first['backend'] == 'cpu' else first['backend']}); "
         f"peak: {first['peak_matmul']} matmul in the same process; {args.repeats} interleaved rounds; "
@@ -393,18 +405,23 @@ def main():
     for name, c in res["cases"].items():
       print(f"{v:8s}{name:8s}{c['batch']:6d}{c['params'] / 1e6:7.2f}M{c['step_flops'] / 1e9:8.2f}"
             f"{c['images_per_s']:8.1f}{c['peak_flops_per_s'] / 1e9:10.0f}{c['util']:6.2f}{c['plain_util']:11.2f}"
-            f"{c['time_ratio']:9.2f}{c['time_ratio_median']:8.2f}")
+            f"{c['time_ratio']:9.2f}{c['time_ratio_median']:8.2f}"
+            + (f"  MFU vs {args.spec_peak_tflops:g} TFLOP/s spec: {c['mfu_vs_spec']:.3f}" if "mfu_vs_spec" in c else ""))
   if len(results) > 1:
     base = settings[0]
     for v in settings[1:]:
       ratio = {n: round(results[v]["cases"][n]["step_s_min"] / results[base]["cases"][n]["step_s_min"], 2)
                for n in names}
       print(f"step time {v} / {base} (interleaved processes): {ratio}")
-  if not args.cases:
-    with open(args.out, "w") as fh:
+  out = args.out or ("" if args.cases else os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                       "train_step.json"))
+  if out:
+    with open(out, "w") as fh:
       json.dump({"date": time.strftime("%Y-%m-%d"), "cpu": harness.cpu_model(), "repeats": args.repeats,
-                 "settings": results}, fh, indent=1)
-    print(f"wrote {args.out}")
+                 "backend": first["backend"], "device": first["device"], "peak_matmul": first["peak_matmul"],
+                 "model_dtype": "float32" if first["backend"] == "cpu" else "bfloat16",
+                 "gpu_path_on_cpu": args.gpu_path_on_cpu, "settings": results}, fh, indent=1)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
