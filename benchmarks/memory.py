@@ -95,10 +95,12 @@ def remat_temp_bytes(case: str) -> dict:
   import train_step as ts
   from diffusax.training import step as step_lib
 
-  cfg, over, shape, batch, _ = ts.CASES[case]
-  out = {"batch": batch}
+  cfg, over, shape, b_cpu, b_gpu = ts.CASES[case]
+  gpu = jax.default_backend() != "cpu"  # On a GPU: bf16 compute at train_step.py's GPU batch.
+  batch, dtype = (b_gpu, "bfloat16") if gpu else (b_cpu, "float32")
+  out = {"batch": batch, "backend": jax.default_backend(), "model_dtype": dtype}
   for remat in (False, True):
-    c = harness.load_config(cfg, {**over, "train.batch_size": batch, "mesh.shape": (1, 1), "model.dtype": "float32"})
+    c = harness.load_config(cfg, {**over, "train.batch_size": batch, "mesh.shape": (1, 1), "model.dtype": dtype})
     c.model.kwargs.remat = remat  # Not a declared key of the configs: set on the ConfigDict directly.
     s = harness.settings(c)
     num_classes = 10 if s.class_conditional else None
