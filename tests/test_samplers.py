@@ -159,19 +159,38 @@ def test_traced_step_count_does_not_pay_for_skipped_steps():
 
 def test_tabulated_step_scalars_match_the_traced_step_count():
   """A static n tabulates the per-step scalars before the loop (driver.coefs); a traced n computes them
-  in the loop. Both give the same samples, for every target path of the tabulating samplers."""
+  in the loop. Both give the same samples, for every target path of the tabulating samplers, and the
+  table holds no inf or NaN."""
   sch_vp, sch_fl = schedules.VPLinear(), schedules.Flow()
   x_T = process.prior_sample(jax.random.key(0), sch_vp, (4, 3))
   key = jax.random.key(1)
   cases = [("euler", sch_vp, "eps", {}), ("heun", sch_vp, "v", {}), ("heun", sch_vp, "x0", {"churn": 5.0}),
            ("heun", sch_vp, "score", {"clip_x0": 1.0}), ("flow_euler", sch_fl, "flow", {}),
-           ("flow_heun", sch_fl, "eps", {}), ("flow_heun", sch_fl, "x0", {"clip_x0": 1.0})]
+           ("flow_heun", sch_fl, "eps", {}), ("flow_heun", sch_fl, "x0", {"clip_x0": 1.0}),
+           ("flow_heun", sch_vp, "flow", {})]
   for method, sch, target, opts in cases:
     den = std_normal_denoiser(sch, target)
     run = lambda n, method=method, sch=sch, den=den, target=target, opts=opts: samplers.sample(
         den, target, sch, x_T, method=method, num_steps=n, key=key, **opts)
     sampler = samplers.make(den, target, sch, method=method, **opts)
-    assert sampler.init(x_T, key, 6).table is not None, method
+    table = sampler.init(x_T, key, 6).table
+    assert table is not None, method
+    for leaf in jax.tree.leaves(table):  # No 1/0 stand-ins in the last row (the corrector skips it).
+      assert np.all(np.isfinite(np.asarray(leaf, np.float32))), (method, target, opts)
     static, traced = run(6), jax.jit(run)(6)
     np.testing.assert_allclose(static, traced, rtol=2e-5, atol=2e-5, err_msg=f"{method} {target} {opts}")
     assert np.all(np.isfinite(np.asarray(static)))
+
+
+def test_model_predict_takes_a_per_example_time():
+  """Model.predict at t [B] scales each example by its own coefficients (as one scalar call per example)."""
+  sch = schedules.VPLinear()
+  x = jax.random.normal(jax.random.key(0), (3, 4, 3))  # last axis = B: a wrong broadcast would not raise
+  t = jnp.array([0.2, 0.5, 0.9])
+  for target, clip in (("eps", None), ("v", 1.0)):
+    m = samplers.Model(std_normal_denoiser(sch, target), target, sch, clip_x0=clip)
+    x0, eps, _ = m.predict(x, t)
+    for i in range(3):
+      x0_i, eps_i, _ = m.predict(x[i:i + 1], t[i])
+      np.testing.assert_allclose(x0[i:i + 1], x0_i, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(eps[i:i + 1], eps_i, rtol=1e-5, atol=1e-6)

@@ -2,7 +2,7 @@
 
 A sampler is a pair of pure functions plus its grid (optax style):
 
-    state = sampler.init(x_T, key, n)      # State(x, key, n, aux)
+    state = sampler.init(x_T, key, n)      # State(x, key, n, aux, table)
     state = sampler.step(state, i)         # x_{t_i} -> x_{t_{i+1}}, i = 0 .. n - 1
     lv    = sampler.levels(state, i)       # grid.Levels of step i (for wrappers)
 
@@ -30,7 +30,7 @@ step" cond made it 2.7-4x a bare scan at 64x32x32x3). Hence:
 Per-step scalars (`plan`, `coefs`). Everything a step needs besides x (its
 times, alpha and sigma, their ratios and reciprocals, the model's conversion
 coefficients) is a function of (i, n) and the traced options only. A sampler
-that gives `plan(i, n, last=None) -> pytree of float32 scalars` reads them with
+that gives `plan(i, n, last=None) -> pytree of scalars` reads them with
 `coefs(state, plan, i, last)`: when n is a concrete int, `init_state` has
 already computed them for every step at once (`jax.vmap` over i, before the
 loop) into `State.table`, and the step slices entry i of each, which XLA fuses
@@ -80,7 +80,7 @@ def coefs(state: State, plan: Callable, i, last=None):
   """The per-step scalars of step i: row i of the state's table, or `plan(i, n, last)` without one."""
   if state.table is None:
     return plan(i, state.n, last)
-  return jax.tree.map(lambda a: a[i], state.table)
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), state.table)
 
 
 def step_key(key, i, sub=None):

@@ -34,10 +34,12 @@ def _sampler(model: Model, heun: bool, *, spacing: str = "trailing", t_min=None,
   def plan(i, n, last=None):
     """Every scalar of step i (tabulated per step when n is static; see `driver`)."""
     lv = grid.levels(schedule, t_at, i, n, last)
-    return dict(t=lv.t, t_next=lv.t_next, dt=lv.t_next - lv.t, last=jnp.asarray(lv.last),
-                m=model.coef(lv.t), m_next=model.coef(lv.t_next),
-                d=(schedule.d_alpha(lv.t), schedule.d_sigma(lv.t)),
-                d_next=(schedule.d_alpha(lv.t_next), schedule.d_sigma(lv.t_next)))
+    c = dict(t=lv.t, t_next=lv.t_next, dt=lv.t_next - lv.t, last=jnp.asarray(lv.last),
+             m=model.coef(lv.t), d=(schedule.d_alpha(lv.t), schedule.d_sigma(lv.t)))
+    if heun:  # The corrector's scalars at t_next; at the last step (no corrector) finite stand-ins at t.
+      t_c = jnp.where(lv.last, lv.t, lv.t_next)
+      c["m_next"], c["d_next"] = model.coef(t_c), (schedule.d_alpha(t_c), schedule.d_sigma(t_c))
+    return c
 
   def init(x_T, key, n):
     return driver.init_state(x_T, key, n, plan=plan)

@@ -51,19 +51,20 @@ def _sampler(model: Model, heun: bool, *, churn=0.0, s_tmin=0.0, s_tmax=float("i
       gamma = jnp.where((sig >= s_tmin) & (sig <= s_tmax),
                         jnp.minimum(churn / jnp.asarray(n, F32), math.sqrt(2.0) - 1.0), 0.0)
       sig_hat = sig * (1.0 + gamma)
-      # Churn noise std * z on x~ is alpha * std * z on x, added before the division so that the
-      # cond passes state.x through untouched when gamma = 0 and x / alpha fuses into the update.
+      # The churn draw on x~ has std sqrt(s^2 - s_i^2) s_noise: alpha times that on x, added to x
+      # before the division so the cond passes state.x through untouched when gamma = 0.
       std = lv.alpha * jnp.sqrt(jnp.maximum(sig_hat ** 2 - sig ** 2, 0.0)) * s_noise
       t_hat = jnp.where(gamma > 0, schedule.t_from_edm_sigma(sig_hat), lv.t)
       churned = gamma > 0
     else:
       sig_hat, t_hat, std, churned = sig, lv.t, jnp.zeros((), F32), jnp.zeros((), bool)
-    m = model.coef(t_hat)
-    return dict(t_hat=t_hat, t_next=lv.t_next, alpha_next=lv.alpha_next, std=std, churned=churned,
-                inv_alpha=driver.reciprocal(lv.alpha), inv_sig_hat=driver.reciprocal(sig_hat),
-                # 1 / 0 = inf at the last step, where the corrector that uses it never runs.
-                inv_sig_next=driver.reciprocal(sig_next), dsig=sig_next - sig_hat,
-                m=m, m_next=model.coef(lv.t_next), last=jnp.asarray(lv.last))
+    c = dict(t_hat=t_hat, t_next=lv.t_next, alpha_next=lv.alpha_next, std=std, churned=churned,
+             inv_alpha=driver.reciprocal(lv.alpha), inv_sig_hat=driver.reciprocal(sig_hat),
+             dsig=sig_next - sig_hat, m=model.coef(t_hat), last=jnp.asarray(lv.last))
+    if heun:  # The corrector's scalars; at the last step (s = 0, no corrector) finite stand-ins, not 1 / 0.
+      c["inv_sig_next"] = jnp.where(lv.last, 0.0, driver.reciprocal(jnp.where(lv.last, 1.0, sig_next)))
+      c["m_next"] = model.coef(jnp.where(lv.last, lv.t, lv.t_next))
+    return c
 
   def init(x_T, key, n):
     return driver.init_state(x_T, key, n, plan=plan)

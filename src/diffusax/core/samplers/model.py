@@ -2,15 +2,18 @@
 
 A model is `denoise(x_t [B, ...], t [B] float32, cond) -> prediction of target`,
 with `target` one of `targets.TARGETS` ("eps", "x0", "v", "score", "flow") and t
-the schedule's continuous time in [0, 1]. Samplers never look at the raw output:
-they call `Model.predict(x, t)` which evaluates the network once and returns the
+the schedule's continuous time in [0, 1]. Samplers never interpret the raw output
+themselves: `Model.predict(x, t)` evaluates the network once and returns the
 implied pair (x0_hat, eps_hat), solving
 
     x_t = alpha(t) x0_hat + sigma(t) eps_hat,   pred = f_target(x0_hat, eps_hat)
 
 (`targets.to_x0_eps`, evaluated as x0 = A x_t + B pred, eps = C x_t + D pred with
 the scalar weights of `targets.x0_eps_weights`: no elementwise divide), so each
-sampler works with every target.
+sampler works with every target. The pieces are public for samplers that need
+another linear combination: `output` (the network call), `x0_eps` and
+`combine(x, out, coef, k_x0, k_eps)` = k_x0 x0_hat + k_eps eps_hat as one
+multiply-add (the flow samplers' velocity), with `coef(t)` precomputable.
 
 Learned variance (improved DDPM, Nichol & Dhariwal 2021, eq. 15): with
 `learned_variance=True` the network returns 2C channels on the last axis; the
@@ -60,7 +63,7 @@ class Model(NamedTuple):
   clip_x0: Optional[float] = None
 
   def coef(self, t) -> Coef:
-    """The conversion scalars at a scalar time t (a sampler's `plan` tabulates them per step)."""
+    """The conversion scalars at time t: a scalar (samplers; a `plan` tabulates them per step) or [B]."""
     t = jnp.asarray(t, F32)
     a, s = self.schedule.alpha(t), self.schedule.sigma(t)
     da, ds = (self.schedule.d_alpha(t), self.schedule.d_sigma(t)) if self.target == "flow" else (None, None)
@@ -69,7 +72,7 @@ class Model(NamedTuple):
     return Coef(a, s, w)
 
   def output(self, x, t):
-    """One network call at a scalar time t: (prediction of target, v or None), float32 [B, ...]."""
+    """One network call at time t (scalar or [B]): (prediction of target, v or None), float32 [B, ...]."""
     x = jnp.asarray(x, F32)
     tb = jnp.broadcast_to(jnp.asarray(t, F32), (x.shape[0],))
     out = jnp.asarray(self.denoise(x, tb, self.cond), F32)
@@ -86,13 +89,13 @@ class Model(NamedTuple):
 
   def x0_eps(self, x, out, coef: Coef):
     """(x0_hat, eps_hat) implied by the prediction `out` at x (clipped as `clip_x0` says)."""
-    a_, b_, c_, d_ = coef.w
     x = jnp.asarray(x, F32)
+    a_, b_, c_, d_ = (_per_example(w, x) for w in coef.w)
     x0 = out if self.target == "x0" else a_ * x + b_ * out
     eps = out if self.target == "eps" else c_ * x + d_ * out
     if self.clip_x0 is not None:
       x0 = jnp.clip(x0, -self.clip_x0, self.clip_x0)
-      eps = (x - coef.alpha * x0) / coef.sigma
+      eps = (x - _per_example(coef.alpha, x) * x0) / _per_example(coef.sigma, x)
     return x0, eps
 
   def combine(self, x, out, coef: Coef, k_x0, k_eps):
@@ -100,17 +103,25 @@ class Model(NamedTuple):
     if self.clip_x0 is not None:
       x0, eps = self.x0_eps(x, out, coef)
       return k_x0 * x0 + k_eps * eps
-    a_, b_, c_, d_ = coef.w
-    return (k_x0 * a_ + k_eps * c_) * jnp.asarray(x, F32) + (k_x0 * b_ + k_eps * d_) * out
+    x = jnp.asarray(x, F32)
+    a_, b_, c_, d_ = (_per_example(w, x) for w in coef.w)
+    k_x0, k_eps = _per_example(k_x0, x), _per_example(k_eps, x)
+    return (k_x0 * a_ + k_eps * c_) * x + (k_x0 * b_ + k_eps * d_) * out
 
   def predict(self, x, t, coef: Optional[Coef] = None):
-    """One network call at a scalar time t: returns (x0_hat, eps_hat, v or None), float32 [B, ...].
+    """One network call at time t (scalar or [B]): returns (x0_hat, eps_hat, v or None), float32 [B, ...].
 
     coef: `self.coef(t)` when the caller already has it (from a per-step table); else computed here.
     """
     out, v = self.output(x, t)
     x0, eps = self.x0_eps(x, out, self.coef(t) if coef is None else coef)
     return x0, eps, v
+
+
+def _per_example(c, x):
+  """A scalar stays a scalar; a [B] coefficient becomes [B, 1, ...] to scale each example of x."""
+  c = jnp.asarray(c, F32)
+  return c.reshape(c.shape + (1,) * (x.ndim - 1)) if c.ndim == 1 and x.ndim > 1 else c
 
 
 def check(denoise, target: str) -> None:
