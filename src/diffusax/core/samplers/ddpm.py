@@ -30,37 +30,50 @@ from diffusax.core.samplers.model import Model
 VARIANCES = ("small", "large")
 
 
-def _sampler(model: Model, t_at, kind: str, eta=None, variance: str = "small") -> driver.Sampler:
+def _sampler(model: Model, t_at, kind: str, eta=None, variance: str = "small",
+             deterministic: bool = False) -> driver.Sampler:
   schedule = model.schedule
 
   def levels(state, i):
     return grid.levels(schedule, t_at, i, state.n)
 
+  def plan(i, n, last=None):
+    """Every scalar of step i (tabulated per step when n is static; see `driver`)."""
+    lv = grid.levels(schedule, t_at, i, n, last)
+    last = jnp.asarray(lv.last)
+    r = jnp.where(last, 1.0, -jnp.expm1(lv.log_snr - jnp.where(last, 0.0, lv.log_snr_next)))
+    s2 = lv.sigma_next ** 2
+    c = dict(t=lv.t, alpha_next=lv.alpha_next, m=model.coef(lv.t), last=last)
+    if kind == "ddim":
+      c["c_eps"] = lv.sigma_next * jnp.sqrt(jnp.maximum(1.0 - eta * eta * r, 0.0))
+      c["std"] = jnp.sqrt(eta * eta * s2 * r)
+      c["draw"] = (eta > 0) & ~last
+      return c
+    c["c_eps"] = lv.sigma_next * jnp.sqrt(jnp.maximum(1.0 - r, 0.0))
+    small, large = s2 * r, lv.sigma ** 2 * r
+    if model.learned_variance:
+      c["log_large"], c["log_small"] = jnp.log(large), jnp.log(jnp.maximum(small, 1e-20))
+    else:
+      c["std"] = jnp.sqrt(jnp.where(last, 0.0, large) if variance == "large" else small)
+    return c
+
   def init(x_T, key, n):
-    return driver.init_state(x_T, key, n)
+    return driver.init_state(x_T, key, n, plan=plan)
 
   def step(state, i):
-    lv = levels(state, i)
-    x0, eps, v = model.predict(state.x, lv.t)
-    r = jnp.where(lv.last, 1.0, -jnp.expm1(lv.log_snr - jnp.where(lv.last, 0.0, lv.log_snr_next)))
-    s2 = lv.sigma_next ** 2
+    c = driver.coefs(state, plan, i)
+    x0, eps, v = model.predict(state.x, c["t"], c["m"])
+    mean = c["alpha_next"] * x0 + c["c_eps"] * eps
     if kind == "ddim":
-      c_eps = lv.sigma_next * jnp.sqrt(jnp.maximum(1.0 - eta * eta * r, 0.0))
-      std = jnp.sqrt(eta * eta * s2 * r)
-      x = driver.add_noise(lv.alpha_next * x0 + c_eps * eps, std, (eta > 0) & ~lv.last, state.key, i)
-      return state._replace(x=x)
-    c_eps = lv.sigma_next * jnp.sqrt(jnp.maximum(1.0 - r, 0.0))
-    small, large = s2 * r, lv.sigma ** 2 * r
+      if deterministic:  # A Python eta of 0: no per-step cond around a draw that never happens.
+        return state._replace(x=mean)
+      return state._replace(x=driver.add_noise(mean, c["std"], c["draw"], state.key, i))
+    z = driver.noise(driver.step_key(state.key, i), state.x.shape)
     if v is not None:
       frac = (v + 1.0) / 2.0
-      log_var = frac * jnp.log(large) + (1.0 - frac) * jnp.log(jnp.maximum(small, 1e-20))
-      var = jnp.where(lv.last, 0.0, jnp.exp(log_var))
-    elif variance == "large":
-      var = jnp.where(lv.last, 0.0, large)
-    else:
-      var = small
-    z = driver.noise(driver.step_key(state.key, i), state.x.shape)
-    return state._replace(x=lv.alpha_next * x0 + c_eps * eps + jnp.sqrt(var) * z)
+      var = jnp.where(c["last"], 0.0, jnp.exp(frac * c["log_large"] + (1.0 - frac) * c["log_small"]))
+      return state._replace(x=mean + jnp.sqrt(var) * z)
+    return state._replace(x=mean + c["std"] * z)
 
   return driver.Sampler(init, step, levels)
 
@@ -79,6 +92,8 @@ def ddpm(model: Model, *, variance: str = "small", spacing: str = "linspace", t_
 
 
 def ddim(model: Model, *, eta=0.0, spacing: str = "linspace", t_min=None, t_max=None):
-  """DDIM with a traced eta (0 deterministic, 1 = ancestral with beta_tilde)."""
+  """DDIM with a traced eta (0 deterministic, 1 = ancestral with beta_tilde); a Python 0 builds no draw at all."""
+  deterministic = isinstance(eta, (int, float)) and eta == 0  # Built without the noise branch.
   eta = jnp.asarray(eta, jnp.float32)
-  return _sampler(model, grid.make(model.schedule, spacing, t_min, t_max), "ddim", eta=eta)
+  return _sampler(model, grid.make(model.schedule, spacing, t_min, t_max), "ddim", eta=eta,
+                  deterministic=deterministic)

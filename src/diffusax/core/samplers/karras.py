@@ -87,8 +87,9 @@ def _sampler(model: Model, heun: bool, *, churn=0.0, s_tmin=0.0, s_tmax=float("i
       xs_next = jnp.where(last, d0, xs_next)
     return state._replace(x=c["alpha_next"] * xs_next)
 
-  # Heun's last step skips the corrector: `run` peels it off the loop (see `driver`).
-  return driver.Sampler(init, lambda s, i: step(s, i), levels, step if heun else None)
+  # The last step returns D (Heun: without the corrector): `run` peels it off the loop, so the
+  # loop body has no select or cond on "last" (see `driver`).
+  return driver.Sampler(init, lambda s, i: step(s, i), levels, step)
 
 
 def euler(model: Model, **options):
