@@ -26,7 +26,9 @@ def check_target(name: str, arg: str = "target") -> str:
   return name
 
 
-def _expand(c, x, name):
+def expand(c, x, name):
+  """A coefficient for x [B, ...]: a scalar as is, [B] as [B, 1, ...] (one per example), else it must
+  broadcast to x; None passes through. Raises naming `name` on a shape that fits neither."""
   if c is None:
     return None
   c = jnp.asarray(c, F32)
@@ -47,27 +49,14 @@ def to_x0_eps(pred, target, x_t, alpha, sigma, d_alpha=None, d_sigma=None):
   pred, x_t = jnp.asarray(pred, F32), jnp.asarray(x_t, F32)
   if pred.shape != x_t.shape:
     raise ValueError(f"pred and x_t must have the same shape; got {tuple(pred.shape)} and {tuple(x_t.shape)}")
-  a, s = _expand(alpha, x_t, "alpha"), _expand(sigma, x_t, "sigma")
-  if target == "eps":
-    return (x_t - s * pred) / a, pred
-  if target == "x0":
-    return pred, (x_t - a * pred) / s
-  if target == "v":
-    n = a * a + s * s
-    return (a * x_t - s * pred) / n, (s * x_t + a * pred) / n
-  if target == "score":
-    eps = -s * pred
-    return (x_t - s * eps) / a, eps
-  # flow: [a s; da ds] [x0; eps] = [x_t; u]
-  if d_alpha is None or d_sigma is None:
-    raise ValueError("converting the 'flow' target needs d_alpha and d_sigma (d alpha/dt, d sigma/dt)")
-  da, ds = _expand(d_alpha, x_t, "d_alpha"), _expand(d_sigma, x_t, "d_sigma")
-  det = a * ds - s * da
-  return (ds * x_t - s * pred) / det, (a * pred - da * x_t) / det
+  a, s = expand(alpha, x_t, "alpha"), expand(sigma, x_t, "sigma")
+  da, ds = expand(d_alpha, x_t, "d_alpha"), expand(d_sigma, x_t, "d_sigma")
+  w_x0_x, w_x0_p, w_eps_x, w_eps_p = x0_eps_weights(target, a, s, da, ds)
+  return w_x0_x * x_t + w_x0_p * pred, w_eps_x * x_t + w_eps_p * pred
 
 
 def x0_eps_weights(target, alpha, sigma, d_alpha=None, d_sigma=None):
-  """Scalars (A, B, C, D) with x0 = A x_t + B pred and eps = C x_t + D pred (the solve of `to_x0_eps`).
+  """Scalars (A, B, C, D) with x0 = A x_t + B pred and eps = C x_t + D pred (the solve `to_x0_eps` applies).
 
   Samplers that tabulate them per step convert with two multiply-adds per
   element and no divide. alpha, sigma (and d_alpha, d_sigma for 'flow') are
@@ -96,7 +85,7 @@ def from_x0_eps(x0, eps, target, alpha, sigma, d_alpha=None, d_sigma=None):
   """The value of `target` for the pair (x0, eps), float32."""
   check_target(target, "dst")
   x0, eps = jnp.asarray(x0, F32), jnp.asarray(eps, F32)
-  a, s = _expand(alpha, x0, "alpha"), _expand(sigma, x0, "sigma")
+  a, s = expand(alpha, x0, "alpha"), expand(sigma, x0, "sigma")
   if target == "eps":
     return eps
   if target == "x0":
@@ -107,7 +96,7 @@ def from_x0_eps(x0, eps, target, alpha, sigma, d_alpha=None, d_sigma=None):
     return -eps / s
   if d_alpha is None or d_sigma is None:
     raise ValueError("converting to the 'flow' target needs d_alpha and d_sigma (d alpha/dt, d sigma/dt)")
-  da, ds = _expand(d_alpha, x0, "d_alpha"), _expand(d_sigma, x0, "d_sigma")
+  da, ds = expand(d_alpha, x0, "d_alpha"), expand(d_sigma, x0, "d_sigma")
   return da * x0 + ds * eps
 
 

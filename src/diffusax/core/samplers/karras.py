@@ -55,10 +55,10 @@ def _sampler(model: Model, heun: bool, *, churn=0.0, s_tmin=0.0, s_tmax=float("i
       # before the division so the cond passes state.x through untouched when gamma = 0.
       std = lv.alpha * jnp.sqrt(jnp.maximum(sig_hat ** 2 - sig ** 2, 0.0)) * s_noise
       t_hat = jnp.where(gamma > 0, schedule.t_from_edm_sigma(sig_hat), lv.t)
-      churned = gamma > 0
+      churn_entries = dict(std=std, churned=gamma > 0)
     else:
-      sig_hat, t_hat, std, churned = sig, lv.t, jnp.zeros((), F32), jnp.zeros((), bool)
-    c = dict(t_hat=t_hat, t_next=lv.t_next, alpha_next=lv.alpha_next, std=std, churned=churned,
+      sig_hat, t_hat, churn_entries = sig, lv.t, {}
+    c = dict(t_hat=t_hat, t_next=lv.t_next, alpha_next=lv.alpha_next, **churn_entries,
              inv_alpha=driver.reciprocal(lv.alpha), inv_sig_hat=driver.reciprocal(sig_hat),
              dsig=sig_next - sig_hat, m=model.coef(t_hat), last=jnp.asarray(lv.last))
     if heun:  # The corrector's scalars; at the last step (s = 0, no corrector) finite stand-ins, not 1 / 0.

@@ -90,12 +90,12 @@ class Model(NamedTuple):
   def x0_eps(self, x, out, coef: Coef):
     """(x0_hat, eps_hat) implied by the prediction `out` at x (clipped as `clip_x0` says)."""
     x = jnp.asarray(x, F32)
-    a_, b_, c_, d_ = (_per_example(w, x) for w in coef.w)
+    a_, b_, c_, d_ = (targets_lib.expand(w, x, "coef.w") for w in coef.w)
     x0 = out if self.target == "x0" else a_ * x + b_ * out
     eps = out if self.target == "eps" else c_ * x + d_ * out
     if self.clip_x0 is not None:
       x0 = jnp.clip(x0, -self.clip_x0, self.clip_x0)
-      eps = (x - _per_example(coef.alpha, x) * x0) / _per_example(coef.sigma, x)
+      eps = (x - targets_lib.expand(coef.alpha, x, "alpha") * x0) / targets_lib.expand(coef.sigma, x, "sigma")
     return x0, eps
 
   def combine(self, x, out, coef: Coef, k_x0, k_eps):
@@ -104,8 +104,8 @@ class Model(NamedTuple):
       x0, eps = self.x0_eps(x, out, coef)
       return k_x0 * x0 + k_eps * eps
     x = jnp.asarray(x, F32)
-    a_, b_, c_, d_ = (_per_example(w, x) for w in coef.w)
-    k_x0, k_eps = _per_example(k_x0, x), _per_example(k_eps, x)
+    a_, b_, c_, d_ = (targets_lib.expand(w, x, "coef.w") for w in coef.w)
+    k_x0, k_eps = targets_lib.expand(k_x0, x, "k_x0"), targets_lib.expand(k_eps, x, "k_eps")
     return (k_x0 * a_ + k_eps * c_) * x + (k_x0 * b_ + k_eps * d_) * out
 
   def predict(self, x, t, coef: Optional[Coef] = None):
@@ -116,12 +116,6 @@ class Model(NamedTuple):
     out, v = self.output(x, t)
     x0, eps = self.x0_eps(x, out, self.coef(t) if coef is None else coef)
     return x0, eps, v
-
-
-def _per_example(c, x):
-  """A scalar stays a scalar; a [B] coefficient becomes [B, 1, ...] to scale each example of x."""
-  c = jnp.asarray(c, F32)
-  return c.reshape(c.shape + (1,) * (x.ndim - 1)) if c.ndim == 1 and x.ndim > 1 else c
 
 
 def check(denoise, target: str) -> None:
