@@ -44,8 +44,14 @@ def lr_schedule(c: OptimConfig) -> optax.Schedule:
 
 def decay_mask(params):
   """Weight decay applies to matrices and kernels (ndim >= 2) only: not to biases, norm scales, or
-  the frozen random Fourier frequencies of the time embedding (1-D), which decay would shrink."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  the frozen random Fourier frequencies of the time embedding (1-D), which decay would shrink.
+
+  Biases are told by name as well as by rank: attention's query/key/value biases are
+  [heads, head_dim] ('query_bias', ...), 2-D but biases all the same."""
+  def decayed(path, p):
+    name = str(getattr(path[-1], "key", path[-1])) if path else ""
+    return p.ndim >= 2 and not name.endswith("bias")
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make(c: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
