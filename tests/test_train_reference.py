@@ -219,13 +219,13 @@ def probed(params0, batch):
 
 
 def assert_grads_close(got, want, rel=1e-5):
-  for path, g, w in zip(sorted(_paths(want)), ref.tree_leaves(got), ref.tree_leaves(want)):
+  for path, g, w in zip(_paths(want), ref.tree_leaves(got), ref.tree_leaves(want)):
     np.testing.assert_allclose(g, w, rtol=0, atol=rel * np.abs(w).max() + 1e-30, err_msg=path)
 
 
-def _paths(tree, prefix=""):
+def _paths(tree, prefix=""):  # in the order of ref.tree_leaves
   if isinstance(tree, dict):
-    return [p for k in tree for p in _paths(tree[k], f"{prefix}/{k}")]
+    return [p for k in sorted(tree) for p in _paths(tree[k], f"{prefix}/{k}")]
   return [prefix]
 
 
@@ -240,6 +240,34 @@ def test_loss_and_gradient_match_numpy(probed, params0, batch, schedule_name, ta
   np.testing.assert_allclose(gnorm, ref.global_norm(want_grads), rtol=1e-5)
   assert_grads_close(grads, want_grads)
   assert np.all(grads["fourier"]["W"] == 0.0), "the Fourier frequencies are frozen"
+
+
+def test_weightings_and_targets_are_told_apart(probed, params0, batch):
+  """Negative control: each vp_linear case's loss is refused by every other case's reference, except
+  eps with 'uniform' vs 'snr', which are the same objective by definition (SNR / SNR = 1)."""
+  cases = [c for c in LOSS_CASES if c[0] == "vp_linear" and c[3] == "uniform" and c[4] == 1e-5]
+  want = {c: reference_loss(params0, batch, loss_case(*c), "vp_linear")[0] for c in cases}
+  same = {("eps", "uniform"), ("eps", "snr")}
+  for c in cases:
+    for other in cases:
+      if other != c and not {c[1:3], other[1:3]} <= same:
+        assert abs(probed[c][0] - want[other]) > 100 * 1e-5 * abs(want[other]), (c, other)
+
+
+@pytest.mark.parametrize("case,wrong", [
+    (("vp_linear", "x0", "snr", "uniform", 1e-2), dict(t_min=1e-5)),
+    (("vp_linear", "eps", "uniform", "low_discrepancy", 1e-3), dict(time_sampler="uniform")),
+    (("vp_linear", "v", "min_snr", "log_normal", 1e-5), dict(weighting_params=(("gamma", 5.0),))),
+    (("vp_linear", "eps", "sigmoid", "uniform", 1e-5), dict(weighting_params=(("bias", -1.0),))),
+    (("vp_linear", "flow", "elbo", "uniform", 1e-5), dict(step=1)),
+], ids=["t_min_ignored", "sampler_not_stratified", "gamma_default", "bias_default", "draws_of_step_1"])
+def test_loss_comparison_fails_for_a_wrong_reference(probed, params0, batch, case, wrong):
+  """Negative controls: the loss tolerance refuses a reference with one setting (or the step's keys) wrong."""
+  wrong = dict(wrong)
+  step = wrong.pop("step", 0)
+  loss = dataclasses.replace(loss_case(*case), **wrong)
+  want = reference_loss(params0, batch, loss, case[0], step=step)[0]
+  assert abs(probed[case][0] - want) > 100 * 1e-5 * abs(want)
 
 
 # ---------------------------------------------------------------------------
@@ -354,21 +382,55 @@ def test_adamw_clip_lr_and_ema_match_numpy(optimizer_run, params0, batch):
   assert sorted(moved)[1] > 1e-3
 
 
-@pytest.mark.parametrize("perturbation", ["decay_all", "decay_none", "decay_vectors_not_matrices",
-                                          "clip_x1.1", "no_clip", "no_lr_warmup", "no_ema_warmup"])
+def _mask(**changes):
+  return {k: changes.get(k, v) if not isinstance(v, dict) else {"W": changes.get("W", v["W"])}
+          for k, v in DECAYED.items()}
+
+
+WRONG_REFERENCES = {
+    "decay_none": dict(decayed=ref.tree_map(lambda d: False, DECAYED)),
+    "decay_biases_too": dict(decayed=_mask(b_in=True, b_out=True)),
+    "decay_fourier_W_too": dict(decayed=_mask(W=True)),
+    "no_decay_on_class_table": dict(decayed=_mask(embed=False)),
+    "clip_norm_x1.1": dict(clip_norm=1.1),
+    "no_clip": dict(clip_norm=0.0),
+    "no_lr_warmup": dict(lr_warmup=False),
+    "no_ema_warmup": dict(ema_warmup=False),
+}
+
+
+@pytest.mark.parametrize("perturbation", sorted(WRONG_REFERENCES))
 def test_the_comparison_fails_for_a_wrong_reference(optimizer_run, params0, batch, perturbation):
-  """Negative controls: each perturbed reference is refused by the same tolerance."""
+  """Negative controls: each perturbed reference is refused by the same tolerance (measured: the
+  smallest, clip norm x 1.1, is off by 2e-3 = 1000 x PARAM_ATOL)."""
   c, got = optimizer_run
-  flip = lambda dec: ref.tree_map(lambda d: not d, dec)
-  kw = {"decay_all": dict(decayed=ref.tree_map(lambda d: True, DECAYED)),
-        "decay_none": dict(decayed=ref.tree_map(lambda d: False, DECAYED)),
-        "decay_vectors_not_matrices": dict(decayed=flip(DECAYED)),
-        "clip_x1.1": dict(clip_norm=1.1 * c.grad_clip),
-        "no_clip": dict(clip_norm=0.0),
-        "no_lr_warmup": dict(lr_warmup=False),
-        "no_ema_warmup": dict(ema_warmup=False)}[perturbation]
+  kw = dict(WRONG_REFERENCES[perturbation])
+  if "clip_norm" in kw:
+    kw["clip_norm"] *= c.grad_clip
   err = max_param_error(got, reference_run(params0, batch, c, **kw))
   assert err > 10 * PARAM_ATOL, err
+
+
+def test_decay_mask_of_the_real_networks():
+  """optimizer.decay_mask on diffusax's own MLP (with Fourier time features), U-Net and DiT: kernels
+  and embedding tables are decayed; biases (also attention's 2-D [heads, head_dim] query/key/value
+  biases), norm scales and the frozen Fourier W are not."""
+  from diffusax.nn import dit, mlp, unet
+  nets = [(mlp.MLPDenoiser(hidden=16, depth=1, num_classes=C, time_embedding="fourier"), (2, D)),
+          (unet.UNet(base_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), num_groups=4,
+                     num_classes=C), (2, 8, 8, 1)),
+          (dit.DiT(patch_size=2, hidden_size=16, depth=1, num_heads=2, num_classes=C), (2, 8, 8, 1))]
+  seen = set()
+  for net, shape in nets:
+    abstract = jax.eval_shape(lambda k: mesh_lib.unbox(net.init(
+        k, jnp.zeros(shape), jnp.full((2,), 0.5), jnp.zeros((2,), jnp.int32))["params"]), jax.random.key(0))
+    flat = jax.tree_util.tree_flatten_with_path(optim_lib.decay_mask(abstract))[0]
+    names = {jax.tree_util.keystr(path): bool(m) for path, m in flat}
+    for path, decayed in names.items():
+      leaf = path.rsplit("'", 2)[-2]
+      seen.add(leaf)
+      assert decayed == (leaf.endswith("kernel") or leaf == "embedding"), (type(net).__name__, path, decayed)
+  assert {"kernel", "bias", "embedding", "W", "scale", "query_bias", "query_kernel"} <= seen, seen
 
 
 @pytest.mark.parametrize("c", [
