@@ -125,8 +125,13 @@ class GMM:
       a, s, da, ds = targets.coefficients(schedule, t)
       x0 = self.posterior_mean(x.astype(jnp.float32), a, s, cond if conditional else None, xp=jnp)
       eps = (x - a[:, None] * x0) / s[:, None]
-      return targets.from_x0_eps(x0, eps, target, a, s, da, ds)
+      return targets.from_x0_eps(target, x0, eps, a, s, da, ds)
     return denoise
+
+  def model(self, schedule, target="eps", conditional=False):
+    """`core.Model` of the exact `denoiser`."""
+    from diffusax.core import Model
+    return Model(self.denoiser(schedule, target, conditional), target, schedule)
 
   def classifier(self, schedule):
     """log_prob_fn(x_t, t, labels) -> [B] exact log p(labels | x_t) under `schedule`."""

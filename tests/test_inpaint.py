@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import gmm
-from diffusax.core import process, samplers, schedules
+from diffusax.core import Model, process, samplers, schedules
 
 RHO = 0.8
 COV = 0.5 * RHO ** np.abs(np.subtract.outer(np.arange(4), np.arange(4)))
@@ -26,8 +26,8 @@ def _run(method, n, resample):
   g = gmm.GMM([1.0], [MU], [COV])
   sch = schedules.VPLinear()
   known = jnp.tile(jnp.asarray(Y, jnp.float32), (B, 1))
-  f = jax.jit(lambda x_T, key: samplers.sample(g.denoiser(sch), "eps", sch, x_T, method=method, num_steps=n,
-                                               key=key, inpaint=(known, MASK), resample=resample))
+  f = jax.jit(lambda x_T, key: samplers.sample(g.model(sch), x_T, method=method, num_steps=n,
+                                               key=key, inpaint=samplers.Inpaint(known, MASK, resample)))
   return np.asarray(f(process.prior_sample(jax.random.key(0), sch, (B, 4)), jax.random.key(1)), np.float64)
 
 
@@ -56,16 +56,19 @@ def test_plain_replacement_keeps_known_pixels_but_is_biased():
 
 def test_inpaint_image_shapes_and_errors():
   sch = schedules.VPCosine()
-  den = lambda x, t, c: 0.1 * x
+  m = Model(lambda x, t, c: 0.1 * x, "eps", sch)
   x_T = jnp.ones((2, 4, 4, 3))
   known = jnp.zeros((2, 4, 4, 3))
   mask = jnp.zeros((1, 4, 4, 1)).at[:, :2].set(1.0)
-  out = samplers.sample(den, "eps", sch, x_T, method="ddpm", num_steps=3, key=jax.random.key(0),
-                        inpaint=(known, mask), resample=2)
+  out = samplers.sample(m, x_T, method="ddpm", num_steps=3, key=jax.random.key(0),
+                        inpaint=samplers.Inpaint(known, mask, resample=2))
   assert out.shape == x_T.shape
   np.testing.assert_allclose(np.asarray(out)[:, :2], 0.0, atol=1e-6)
-  with pytest.raises(ValueError, match="resample"):
-    samplers.sample(den, "eps", sch, x_T, method="ddpm", num_steps=3, key=jax.random.key(0), resample=2)
+  with pytest.raises(ValueError, match=r"\['resample'\] of samplers.sample"):
+    samplers.sample(m, x_T, method="ddpm", num_steps=3, key=jax.random.key(0), resample=2)
+  with pytest.raises(ValueError, match="resample must be a static int"):
+    samplers.sample(m, x_T, method="ddpm", num_steps=3, key=jax.random.key(0),
+                    inpaint=samplers.Inpaint(known, mask, resample=0))
   with pytest.raises(ValueError, match="known has shape"):
-    samplers.sample(den, "eps", sch, x_T, method="ddpm", num_steps=3, key=jax.random.key(0),
-                    inpaint=(known[:1], mask))
+    samplers.sample(m, x_T, method="ddpm", num_steps=3, key=jax.random.key(0),
+                    inpaint=samplers.Inpaint(known[:1], mask))

@@ -22,7 +22,7 @@ import pytest
 import scipy.integrate
 import scipy.stats
 
-from diffusax.core import likelihood, schedules
+from diffusax.core import Model, likelihood, schedules
 
 M, S, D, B = 0.5, 0.4, 4, 2048
 T_MIN = 1e-3
@@ -52,6 +52,11 @@ def np_expected_terms(grid, model_var="small"):
   return {"diffusion": diffusion, "decoder": decoder, "prior": prior}
 
 
+def x0_model(sched, fn):
+  """A core.Model predicting x0 from an (x_t, t) -> x0 function."""
+  return Model(lambda xt, t, cond: fn(xt, t), "x0", sched)
+
+
 TRUE_NLL = D * (0.5 * np.log(2 * np.pi * S**2) + 0.5)
 
 
@@ -67,7 +72,7 @@ def vlb_gap():
   def f(key, grid):
     kx, kv = jax.random.split(key)
     x0 = M + S * jax.random.normal(kx, (B, D))  # same x0 for every T (common random numbers)
-    terms = likelihood.vlb_terms(sched, denoise, x0, kv, grid, decoder="gaussian")
+    terms = likelihood.vlb_terms(x0_model(sched, denoise), x0, kv, grid, decoder="gaussian")
     nll = -jnp.sum(jax.scipy.stats.norm.logpdf(x0, M, S), axis=1)
     return terms, terms["total"] - nll
 
@@ -114,7 +119,7 @@ def test_elbo_large_model_variance(vlb_gap):
     return M + a * S**2 / (a**2 * S**2 + sg**2) * (xt - a * M)
   grid = likelihood.uniform_grid(10, 0.05)
   x0 = M + S * jax.random.normal(jax.random.key(3), (B, D))
-  terms = jax.jit(lambda x: likelihood.vlb_terms(sched, denoise, x, jax.random.key(4), grid,
+  terms = jax.jit(lambda x: likelihood.vlb_terms(x0_model(sched, denoise), x, jax.random.key(4), grid,
                                                  decoder="gaussian", model_var="large"))(x0)
   mean, se = _mean_se(terms["diffusion"])
   expect = np_expected_terms(grid, "large")["diffusion"]
@@ -128,7 +133,7 @@ def test_vlb_discretized_decoder_on_ddpm_grid():
   np.testing.assert_allclose(grid, np.arange(1, 21) / 20, rtol=1e-6)
   x0 = (jnp.asarray([[0, 128, 255], [10, 200, 37]], jnp.float32) / 127.5) - 1
   ident = lambda xt, t: jnp.asarray(x0)  # a perfect x0 model: diffusion KL is exactly 0
-  terms = jax.jit(lambda key: likelihood.vlb_terms(sched, ident, x0, key, grid))(jax.random.key(0))
+  terms = jax.jit(lambda key: likelihood.vlb_terms(x0_model(sched, ident), x0, key, grid))(jax.random.key(0))
   np.testing.assert_allclose(terms["diffusion"], 0.0, atol=1e-6)
   acp0 = 1 - 1e-4
   scale = math.sqrt((1 - acp0) / acp0)
@@ -224,11 +229,11 @@ def test_vlb_errors():
   ident = lambda xt, t: xt
   x0 = jnp.zeros((2, 3))
   with pytest.raises(ValueError, match=r"unknown decoder 'bernoulli'; allowed"):
-    likelihood.vlb_terms(sched, ident, x0, jax.random.key(0), jnp.linspace(0.1, 1, 3), decoder="bernoulli")
+    likelihood.vlb_terms(x0_model(sched, ident), x0, jax.random.key(0), jnp.linspace(0.1, 1, 3), decoder="bernoulli")
   with pytest.raises(ValueError, match=r"unknown model_var 'fixed'"):
-    likelihood.vlb_terms(sched, ident, x0, jax.random.key(0), jnp.linspace(0.1, 1, 3), model_var="fixed")
+    likelihood.vlb_terms(x0_model(sched, ident), x0, jax.random.key(0), jnp.linspace(0.1, 1, 3), model_var="fixed")
   with pytest.raises(ValueError, match=r"t_grid must be a 1-D array.*\(2, 2\)"):
-    likelihood.vlb_terms(sched, ident, x0, jax.random.key(0), jnp.ones((2, 2)))
+    likelihood.vlb_terms(x0_model(sched, ident), x0, jax.random.key(0), jnp.ones((2, 2)))
 
 
 def test_prior_kl_takes_per_example_times():

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 import gmm as gmm_lib
-from diffusax.core import likelihood, schedules
-from diffusax.evaluation import ode_likelihood as ode
+from diffusax.core import Model, likelihood, schedules
 
 N = 4096
 MIX = gmm_lib.standard_mixture()
@@ -42,10 +41,10 @@ def test_ode_nll_matches_exact(data, name, divergence):
   sched, target, t_min, t_max = CASES[name]
   if name == "ve" and divergence != "exact":
     pytest.skip("VE: checked with the exact divergence (the schedule is the same code path)")
-  denoise = MIX.denoiser(sched, target)
-  fn = jax.jit(lambda x, k: ode.ode_log_likelihood(denoise, target, sched, x, k, num_steps=100, solver="rk4",
-                                                    divergence=divergence, t_min=t_min, t_max=t_max,
-                                                    num_probes=4)[0])
+  model = MIX.model(sched, target)
+  fn = jax.jit(lambda x, k: likelihood.ode_log_likelihood(model, x, k, num_steps=100, solver="rk4",
+                                                          divergence=divergence, t_min=t_min, t_max=t_max,
+                                                          num_probes=4)[0])
   logp = np.asarray(fn(x0, jax.random.key(1)), np.float64)
   got, want = -logp.mean(), nll.mean()
   rel = abs(got - want) / abs(want)
@@ -56,22 +55,22 @@ def test_ode_nll_matches_exact(data, name, divergence):
   else:  # Unbiased: the mean error is within 4 standard errors of the per-point errors.
     err = -logp - nll
     assert abs(err.mean()) < 4 * err.std() / math.sqrt(N), (err.mean(), err.std() / math.sqrt(N))
-  bpd = float(jnp.mean(ode.bits_per_dim(logp, 2)))
+  bpd = float(jnp.mean(likelihood.bits_per_dim(-logp, 2)))
   assert bpd == pytest.approx(got / (2 * math.log(2)), rel=1e-5)
 
 
 def test_vlb_is_an_upper_bound_that_tightens(data):
   x0, nll = data
   sched = schedules.get("vp_cosine")
-  den = lambda x, t: MIX.posterior_mean(x, sched.alpha(t), sched.sigma(t), xp=jnp)
+  den = Model(lambda x, t, c: MIX.posterior_mean(x, sched.alpha(t), sched.sigma(t), xp=jnp), "x0", sched)
 
   @jax.jit
   def vlb(x, grid):
-    return likelihood.vlb_terms(sched, den, x, jax.random.key(2), grid, decoder="gaussian")["total"]
+    return likelihood.vlb_terms(den, x, jax.random.key(2), grid, decoder="gaussian")["total"]
 
   means = []
   for n in (4, 16, 64, 256, 1024):  # Grids uniform in log-SNR (a grid uniform in t needs far more steps).
-    v = np.asarray(vlb(x0, ode.time_grid(sched, n, 1e-3, 1.0 - 1e-3)), np.float64)
+    v = np.asarray(vlb(x0, likelihood.ode_time_grid(sched, n, 1e-3, 1.0 - 1e-3)), np.float64)
     means.append((v.mean(), v.std() / math.sqrt(N)))
   print("VLB (nats):", [f"{m:.4f}+-{se:.4f}" for m, se in means], "exact NLL", f"{nll.mean():.4f}")
   for (m, se) in means:
@@ -85,9 +84,9 @@ def test_dequantised_bpd_accounts_for_the_bin_width():
   """A uniform model on [-1 - 1/255, 1 + 1/255]^D assigns each 8-bit level probability 1/256: 8 bits/dim."""
   d = 5
   x = jnp.arange(256, dtype=jnp.uint8)[:, None].repeat(d, 1)
-  y = ode.dequantize(x, jax.random.key(0))
+  y = likelihood.dequantize(x, jax.random.key(0))
   half = 0.5 / 127.5
   assert float(jnp.min(y)) >= -1 - half and float(jnp.max(y)) <= 1 + half
   np.testing.assert_allclose(np.asarray(jnp.round((y + 1) * 127.5)), np.asarray(x, np.float32), atol=0.5 + 1e-4)
   log_p = jnp.full((256,), -d * math.log(2 + 2 * half))
-  np.testing.assert_allclose(np.asarray(ode.bits_per_dim(log_p, d, dequantized=True)), 8.0, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(likelihood.bits_per_dim(-log_p, d, dequantized=True)), 8.0, rtol=1e-5)

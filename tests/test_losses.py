@@ -57,7 +57,7 @@ def _all_losses(sched, preds, x0, eps, t):
   out = {}
   for target in TARGETS:
     for w in ["uniform", *WEIGHTINGS]:
-      out[target, w] = losses.diffusion_loss(sched, preds[target], target, x0, eps, t, weighting=w,
+      out[target, w] = losses.diffusion_loss(sched, target, preds[target], x0, eps, t, weighting=w,
                                              **WEIGHTINGS.get(w, {}))
   return out
 
@@ -131,7 +131,7 @@ def test_elbo_weighting_is_continuous_time_vlb():
     a, sg = sched.alpha(t)[:, None], sched.sigma(t)[:, None]
     xt = a * x0 + sg * eps
     x0_hat = m + a * s**2 / (a**2 * s**2 + sg**2) * (xt - a * m)
-    loss = losses.diffusion_loss(sched, x0_hat, "x0", x0, eps, t, weighting="elbo")
+    loss = losses.diffusion_loss(sched, "x0", x0_hat, x0, eps, t, weighting="elbo")
     return jnp.mean((1 - t_min) * d * loss)
 
   est = np.array([estimate(jax.random.key(i)) for i in range(n_rep)])
@@ -198,6 +198,11 @@ def test_log_normal_t(name):
   log_sigma = np.log(s / a)
   assert abs(log_sigma.mean() - p_mean) < 5 * p_std / np.sqrt(n)
   assert abs(log_sigma.std() - p_std) < 5 * p_std / np.sqrt(2 * n)
+  # t_min is honoured: with t_min = 0.05 about a tenth of the draws (vp_cosine: P(ln s < ln s(0.05)) = 13%)
+  # land on t_min, none below.
+  if name == "vp_cosine":
+    tc = np.asarray(losses.sample_t(jax.random.key(0), n, "log_normal", schedule=sched, t_min=0.05))
+    assert tc.min() == np.float32(0.05) and 0.08 < np.mean(tc == np.float32(0.05)) < 0.2
 
 
 def test_sample_t_errors():
@@ -235,23 +240,23 @@ def test_bf16_vmap_grad():
   x0, eps, pred = (rng.normal(size=(4, 3, 2)).astype(np.float32) for _ in range(3))
   t = np.array([0.1, 0.3, 0.5, 0.7], np.float32)
   loss = jax.jit(losses.diffusion_loss, static_argnames=("target", "weighting"))
-  f32 = loss(sched, pred, target="v", x0=x0, eps=eps, t=t, weighting="min_snr")
+  f32 = loss(sched, target="v", pred=pred, x0=x0, eps=eps, t=t, weighting="min_snr")
   bf = lambda v: jnp.asarray(v, jnp.bfloat16)
-  got = loss(sched, bf(pred), target="v", x0=bf(x0), eps=bf(eps), t=bf(t), weighting="min_snr")
+  got = loss(sched, target="v", pred=bf(pred), x0=bf(x0), eps=bf(eps), t=bf(t), weighting="min_snr")
   assert got.dtype == jnp.float32
-  ref = loss(sched, bf(pred).astype(jnp.float32), target="v", x0=bf(x0).astype(jnp.float32),
+  ref = loss(sched, target="v", pred=bf(pred).astype(jnp.float32), x0=bf(x0).astype(jnp.float32),
              eps=bf(eps).astype(jnp.float32), t=bf(t).astype(jnp.float32), weighting="min_snr")
   np.testing.assert_allclose(got, ref, rtol=1e-5)
   np.testing.assert_allclose(got, f32, rtol=5e-2)  # bf16 rounding of the inputs
   # vmap over examples (each a batch of one) equals the batched loss
   per = jax.jit(jax.vmap(lambda p, a, e, u: losses.diffusion_loss(
-      sched, p[None], "v", a[None], e[None], u[None], weighting="min_snr")[0]))(pred, x0, eps, t)
+      sched, "v", p[None], a[None], e[None], u[None], weighting="min_snr")[0]))(pred, x0, eps, t)
   np.testing.assert_allclose(per, f32, rtol=1e-5)
   # d loss_b / d pred = 2 w_b (pred - target) / D
-  g = jax.jit(jax.grad(lambda p: losses.diffusion_loss(sched, p, "eps", x0, eps, t, weighting="uniform").sum()))(pred)
+  g = jax.jit(jax.grad(lambda p: losses.diffusion_loss(sched, "eps", p, x0, eps, t, weighting="uniform").sum()))(pred)
   np.testing.assert_allclose(g, 2 * (pred - eps) / 6, rtol=1e-5, atol=1e-7)
   assert np.all(np.isfinite(jax.jit(jax.grad(lambda u: losses.diffusion_loss(
-      sched, pred, "v", x0, eps, u, weighting="elbo").sum()))(t)))
+      sched, "v", pred, x0, eps, u, weighting="elbo").sum()))(t)))
 
 
 def test_errors_name_the_argument():
@@ -259,20 +264,20 @@ def test_errors_name_the_argument():
   x0 = jnp.zeros((4, 3))
   t = jnp.full((4,), 0.5)
   with pytest.raises(ValueError, match=r"unknown loss weighting 'snrr'; allowed:.*min_snr"):
-    losses.diffusion_loss(sched, x0, "eps", x0, x0, t, weighting="snrr")
+    losses.diffusion_loss(sched, "eps", x0, x0, x0, t, weighting="snrr")
   with pytest.raises(ValueError, match=r"unknown target 'noise'"):
-    losses.diffusion_loss(sched, x0, "noise", x0, x0, t)
+    losses.diffusion_loss(sched, "noise", x0, x0, x0, t)
   with pytest.raises(ValueError, match=r"unknown loss weighting parameter\(s\) \['gama'\]"):
-    losses.diffusion_loss(sched, x0, "eps", x0, x0, t, weighting="min_snr", gama=1.0)
-  loss = jax.jit(losses.diffusion_loss, static_argnums=(2,))
+    losses.diffusion_loss(sched, "eps", x0, x0, x0, t, weighting="min_snr", gama=1.0)
+  loss = jax.jit(losses.diffusion_loss, static_argnums=(1,))
   with pytest.raises(ValueError, match=r"pred and x0 must have the same shape"):
-    loss(sched, jnp.zeros((4, 2)), "eps", x0, x0, t)
+    loss(sched, "eps", jnp.zeros((4, 2)), x0, x0, t)
   with pytest.raises(ValueError, match=r"x0 and eps must have the same shape.*eps.shape=\(4, 1\)"):
-    loss(sched, x0, "eps", x0, jnp.zeros((4, 1)), t)
+    loss(sched, "eps", x0, x0, jnp.zeros((4, 1)), t)
   with pytest.raises(ValueError, match=r"t must have shape \[B\] = \[4\], got \(3,\)"):
-    loss(sched, x0, "eps", x0, x0, jnp.full((3,), 0.5))
+    loss(sched, "eps", x0, x0, x0, jnp.full((3,), 0.5))
   with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
-    loss(sched, x0, "eps", x0, x0, 0.5)
+    loss(sched, "eps", x0, x0, x0, 0.5)
 
 
 def test_drop_labels_refuses_impossible_probability():

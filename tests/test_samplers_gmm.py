@@ -40,8 +40,8 @@ CASES = [  # (method, schedule, target, steps, options)
 def test_samples_match_mixture(method, sched, target, steps, opts):
   schedule = schedules.get(sched, sigma_max=20.0) if sched == "ve" else schedules.get(sched)
   x_T = process.prior_sample(jax.random.key(0), schedule, (N, 2))
-  x = samplers.sample(G.denoiser(schedule, target), target, schedule, x_T, method=method, num_steps=steps,
-                      key=jax.random.key(1), **opts)
+  x = samplers.sample(G.model(schedule, target), x_T, method=method, num_steps=steps,
+                      key=jax.random.key(1), options=opts)
   z = gmm.moments_z(x, G)
   assert max(z.values()) < TOL, z
 
@@ -61,8 +61,8 @@ def _reference(sched, flowm):
 def _errors(method, sched, target, steps, opts=None):
   schedule = schedules.get(sched)
   x_T, ref = _reference(sched, method.startswith("flow"))
-  f = jax.jit(lambda n: samplers.sample(G.denoiser(schedule, target), target, schedule, x_T, method=method,
-                                        num_steps=n, key=jax.random.key(0), **(opts or {})))
+  f = jax.jit(lambda n: samplers.sample(G.model(schedule, target), x_T, method=method, num_steps=n,
+                                        max_steps=max(steps_list), key=jax.random.key(0), options=opts))
   return [float(np.sqrt(np.mean(np.sum((np.asarray(f(n), np.float64) - ref) ** 2, 1)))) for n in steps_list]
 
 

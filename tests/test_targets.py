@@ -66,7 +66,7 @@ def _case(name, seed=0):
 @jax.jit
 def _all_pairs(sched, preds, xt, t):
   """{(src, dst): convert_at(preds[src], src -> dst)} for all 25 pairs, in one compiled call."""
-  return {f"{a}>{b}": targets.convert_at(sched, preds[a], a, b, xt, t) for a, b in itertools.product(TARGETS, TARGETS)}
+  return {f"{a}>{b}": targets.convert_at(sched, a, b, preds[a], xt, t) for a, b in itertools.product(TARGETS, TARGETS)}
 
 
 @jax.jit
@@ -159,26 +159,26 @@ def test_x0_mse_factor(name):
 
 def test_jit_vmap_bf16_and_grad():
   sched, x0, eps, t, xt, (a, s, da, ds) = _case("vp_linear")
-  f = jax.jit(targets.convert_at, static_argnums=(2, 3))
+  f = jax.jit(targets.convert_at, static_argnums=(1, 2))
   v = np_targets(x0, eps, a, s, da, ds)["v"]
-  got = f(sched, jnp.asarray(v, jnp.float32), "v", "eps", jnp.asarray(xt, jnp.float32), jnp.asarray(t, jnp.float32))
+  got = f(sched, "v", "eps", jnp.asarray(v, jnp.float32), jnp.asarray(xt, jnp.float32), jnp.asarray(t, jnp.float32))
   _close(got, eps)
   # vmap over examples with scalar coefficients equals the batched call
-  mapped = jax.jit(jax.vmap(lambda p, x, u: targets.convert_at(sched, p, "v", "eps", x, u)))(
+  mapped = jax.jit(jax.vmap(lambda p, x, u: targets.convert_at(sched, "v", "eps", p, x, u)))(
       jnp.asarray(v, jnp.float32), jnp.asarray(xt, jnp.float32), jnp.asarray(t, jnp.float32))
   np.testing.assert_allclose(mapped, got, rtol=1e-5, atol=1e-6)
   # bfloat16 inputs: float32 output equal to the float32 conversion of the rounded inputs
   vb, xb = jnp.asarray(v, jnp.bfloat16), jnp.asarray(xt, jnp.bfloat16)
-  gb = f(sched, vb, "v", "eps", xb, jnp.asarray(t, jnp.bfloat16))
+  gb = f(sched, "v", "eps", vb, xb, jnp.asarray(t, jnp.bfloat16))
   assert gb.dtype == jnp.float32
-  ref = f(sched, vb.astype(jnp.float32), "v", "eps", xb.astype(jnp.float32),
+  ref = f(sched, "v", "eps", vb.astype(jnp.float32), xb.astype(jnp.float32),
           jnp.asarray(t, jnp.bfloat16).astype(jnp.float32))
   np.testing.assert_allclose(gb, ref, rtol=1e-6, atol=1e-6)
   # gradient of eps -> x0 w.r.t. the prediction is -sigma / alpha
-  g = jax.jit(jax.grad(lambda p: targets.convert(p, "eps", "x0", jnp.asarray(xt), a, s).sum()))(jnp.asarray(eps, jnp.float32))
+  g = jax.jit(jax.grad(lambda p: targets.convert("eps", "x0", p, jnp.asarray(xt), a, s).sum()))(jnp.asarray(eps, jnp.float32))
   np.testing.assert_allclose(g, np.broadcast_to(-(s / a)[:, None], g.shape), rtol=1e-5)
   # differentiable through the schedule's time too (finite)
-  gt = jax.jit(jax.grad(lambda u: targets.convert_at(sched, jnp.asarray(v), "v", "x0", jnp.asarray(xt), u).sum()))(
+  gt = jax.jit(jax.grad(lambda u: targets.convert_at(sched, "v", "x0", jnp.asarray(v), jnp.asarray(xt), u).sum()))(
       jnp.asarray(t, jnp.float32))
   assert np.all(np.isfinite(gt))
 
@@ -188,19 +188,19 @@ def test_jit_vmap_bf16_and_grad():
 def test_errors_name_the_argument():
   x = jnp.zeros((4, 3))
   with pytest.raises(ValueError, match=r"unknown src 'noise'; allowed: \['eps', 'x0', 'v', 'score', 'flow'\]"):
-    targets.convert(x, "noise", "x0", x, 1.0, 1.0)
+    targets.convert("noise", "x0", x, x, 1.0, 1.0)
   with pytest.raises(ValueError, match="unknown dst 'velocity'"):
-    targets.convert(x, "eps", "velocity", x, 1.0, 1.0)
+    targets.convert("eps", "velocity", x, x, 1.0, 1.0)
   with pytest.raises(ValueError, match=r"pred and x_t must have the same shape.*\(4, 2\)"):
-    targets.convert(jnp.zeros((4, 2)), "eps", "x0", x, 1.0, 1.0)
+    targets.convert("eps", "x0", jnp.zeros((4, 2)), x, 1.0, 1.0)
   with pytest.raises(ValueError, match=r"alpha of shape \(5,\)"):
-    targets.convert(x, "eps", "x0", x, jnp.ones(5), 1.0)
+    targets.convert("eps", "x0", x, x, jnp.ones(5), 1.0)
   with pytest.raises(ValueError, match=r"sigma of shape \(2, 2\) does not broadcast"):
-    targets.convert(x, "eps", "x0", x, 1.0, jnp.ones((2, 2)))
+    targets.convert("eps", "x0", x, x, 1.0, jnp.ones((2, 2)))
   with pytest.raises(ValueError, match="d_alpha and d_sigma"):
-    targets.convert(x, "flow", "x0", x, 1.0, 1.0)
+    targets.convert("flow", "x0", x, x, 1.0, 1.0)
   with pytest.raises(ValueError, match="d_alpha and d_sigma"):
-    targets.convert(x, "eps", "flow", x, 1.0, 1.0)
+    targets.convert("eps", "flow", x, x, 1.0, 1.0)
   # at trace time under jit
   with pytest.raises(ValueError, match="pred and x_t"):
-    jax.jit(lambda p: targets.convert(p, "eps", "x0", x, 1.0, 1.0))(jnp.zeros((3, 3)))
+    jax.jit(lambda p: targets.convert("eps", "x0", p, x, 1.0, 1.0))(jnp.zeros((3, 3)))

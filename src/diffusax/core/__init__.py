@@ -1,4 +1,10 @@
-"""Pure-JAX diffusion math. Never imports flax, optax, orbax or ml_collections."""
-from diffusax.core import guidance, likelihood, losses, process, samplers, schedules, targets
+"""Pure-JAX diffusion math. Never imports flax, optax, orbax or ml_collections.
 
-__all__ = ["guidance", "likelihood", "losses", "process", "samplers", "schedules", "targets"]
+`Model(denoise, target, schedule, learned_variance=False)` is the one type of "a model the core can use";
+samplers, guidance and both likelihood routes take it first.
+"""
+from diffusax.core import guidance, likelihood, losses, model, process, samplers, schedules, targets
+from diffusax.core.model import Model, Prediction
+
+__all__ = ["Model", "Prediction", "guidance", "likelihood", "losses", "model", "process", "samplers",
+           "schedules", "targets"]

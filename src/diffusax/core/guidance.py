@@ -1,7 +1,10 @@
-"""Classifier-free and classifier guidance as denoiser wrappers.
+"""Classifier-free and classifier guidance as model wrappers.
 
-Both return a new `denoise(x_t [B, ...], t [B], cond) -> prediction` of the same
-target, so any sampler runs guided without knowing it.
+Both take a `core.Model` and return a `core.Model` of the same target and
+schedule, whose denoiser is guided, so any sampler runs guided without knowing it:
+
+    guided = guidance.cfg(model, null_cond=10, scale=2.0)
+    x0 = samplers.sample(guided, x_T, key=k, method="ddim", num_steps=50, cond=labels)
 
 Classifier-free guidance (Ho & Salimans 2022, eq. 6 with w their w):
 
@@ -18,7 +21,7 @@ grad log p(x_t | c) + w grad log p(c | x_t), i.e. sampling a sharpened p(c|x)^(1
     (Kynkaanniemi et al. 2024).
   * rescale=phi: std rescaling (Lin et al. 2024, eq. 15-16), done in x0 space as in
     their Algorithm 2: x0_r = x0_w std(x0_c) / std(x0_w), x0 <- phi x0_r + (1 - phi) x0_w,
-    std over all non-batch dimensions. Needs target and schedule unless target = "x0".
+    std over all non-batch dimensions.
   * the conditional and null calls are one model call on the concatenated
     [x; x], [t; t], [cond; null] batch of 2B.
 
@@ -37,7 +40,9 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from diffusax.core import model as model_lib
 from diffusax.core import targets as targets_lib
+from diffusax.core.model import Model
 
 F32 = jnp.float32
 
@@ -52,28 +57,22 @@ def _std(x):
   return jnp.std(flat, axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def cfg(denoise: Callable, *, null_cond, scale, interval: Optional[tuple] = None, rescale=0.0,
-        target: Optional[str] = None, schedule=None, learned_variance: bool = False) -> Callable:
-  """Classifier-free guidance wrapper (see module docstring).
+def cfg(model: Model, *, null_cond, scale, interval: Optional[tuple] = None, rescale=0.0) -> Model:
+  """Classifier-free guidance (see module docstring): a Model whose denoiser is guided.
 
   Args:
-    denoise: conditional denoiser (x_t, t, cond) -> prediction.
+    model: the conditional model; its denoiser gets cond, then null_cond, in one batched call.
     null_cond: the "no condition" value (e.g. the label num_classes); broadcast to
       each leaf of cond (a pytree) along the batch.
     scale: guidance weight w, scalar or [B], may be traced.
     interval: optional (t_lo, t_hi); guidance is on only for t_lo <= t <= t_hi.
     rescale: phi in [0, 1] (may be traced); a Python 0 skips the computation.
-    target, schedule: needed for rescale when target != "x0".
-    learned_variance: output has 2C channels; only the first C are guided, the
-      variance channels are taken from the conditional call.
+  With learned variance only the first C channels are guided; the variance
+  channels are taken from the conditional call.
   """
+  model_lib.check(model)
   use_rescale = not (isinstance(rescale, (int, float)) and rescale == 0)
-  if use_rescale:
-    if target is None:
-      raise ValueError("cfg rescale needs target= (and schedule= unless target is 'x0')")
-    targets_lib.check_target(target)
-    if target != "x0" and schedule is None:
-      raise ValueError(f"cfg rescale with target {target!r} needs schedule=")
+  target, schedule, denoise = model.target, model.schedule, model.denoise
 
   def guided(x, t, cond):
     b = x.shape[0]
@@ -83,7 +82,7 @@ def cfg(denoise: Callable, *, null_cond, scale, interval: Optional[tuple] = None
     out = denoise(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both)
     out_c, out_u = out[:b], out[b:]
     var = None
-    if learned_variance:
+    if model.learned_variance:
       c = out.shape[-1] // 2
       out_c, var, out_u = out_c[..., :c], out_c[..., c:], out_u[..., :c]
     w = jnp.broadcast_to(jnp.asarray(scale, F32), (b,))
@@ -98,43 +97,45 @@ def cfg(denoise: Callable, *, null_cond, scale, interval: Optional[tuple] = None
         x0_c, x0_w = out_c.astype(F32), pred
       else:
         co = targets_lib.coefficients(schedule, t)
-        x0_c = targets_lib.to_x0_eps(out_c, target, x, *co)[0]
-        x0_w = targets_lib.to_x0_eps(pred, target, x, *co)[0]
+        x0_c = targets_lib.to_x0_eps(target, out_c, x, *co)[0]
+        x0_w = targets_lib.to_x0_eps(target, pred, x, *co)[0]
       x0_r = x0_w * _std(x0_c) / jnp.maximum(_std(x0_w), 1e-12)
       x0 = phi * x0_r + (1.0 - phi) * x0_w
       if target == "x0":
         pred = x0
       else:
         a, s = _per_example(co[0], x), _per_example(co[1], x)
-        pred = targets_lib.from_x0_eps(x0, (x - a * x0) / s, target, *co)
+        pred = targets_lib.from_x0_eps(target, x0, (x - a * x0) / s, *co)
     pred = pred.astype(out.dtype)
     return pred if var is None else jnp.concatenate([pred, var.astype(out.dtype)], axis=-1)
 
-  return guided
+  return model.replace(denoise=guided)
 
 
-def classifier_guidance(denoise: Callable, target: str, schedule, log_prob_fn: Callable, *,
-                        scale) -> Callable:
-  """Classifier guidance wrapper.
+def classifier_guidance(model: Model, log_prob_fn: Callable, *, scale) -> Model:
+  """Classifier guidance: a Model whose prediction follows the guided score (see module docstring).
 
   Args:
-    denoise: (x_t, t, cond) -> prediction of `target`; receives cond unchanged.
+    model: receives cond unchanged.
     log_prob_fn: (x_t [B, ...], t [B], labels) -> [B] log p(labels | x_t, t),
       differentiable in x_t; labels is the sampler's cond.
     scale: s, scalar or [B], may be traced.
   """
-  targets_lib.check_target(target)
+  model_lib.check(model)
+  target, schedule, denoise = model.target, model.schedule, model.denoise
 
   def guided(x, t, cond):
-    out = denoise(x, t, cond)
+    raw = denoise(x, t, cond)
+    out, var = model.split(jnp.asarray(raw), x)
     grad = jax.grad(lambda y: jnp.sum(log_prob_fn(y, t, cond)))(x.astype(F32))
     co = targets_lib.coefficients(schedule, t)
-    x0, eps = targets_lib.to_x0_eps(out, target, x, *co)
+    x0, eps = targets_lib.to_x0_eps(target, out, x, *co)
     a = _per_example(co[0], x)
     s = _per_example(co[1], x)
     shift = _per_example(jnp.broadcast_to(jnp.asarray(scale, F32), (x.shape[0],)), x) * grad
     eps = eps - s * shift
     x0 = x0 + (s * s / a) * shift
-    return targets_lib.from_x0_eps(x0, eps, target, *co).astype(out.dtype)
+    pred = targets_lib.from_x0_eps(target, x0, eps, *co).astype(raw.dtype)
+    return pred if var is None else jnp.concatenate([pred, var.astype(raw.dtype)], axis=-1)
 
-  return guided
+  return model.replace(denoise=guided)

@@ -37,21 +37,21 @@ def replace(sampler: driver.Sampler, known, mask, *, resample: int = 1) -> drive
   except ValueError:
     raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to known {tuple(known.shape)}") from None
 
-  def init(x_T, key, n):
+  def init(x_T, key, n, max_steps):
     if tuple(known.shape) != tuple(jnp.shape(x_T)):
       raise ValueError(f"known has shape {tuple(known.shape)} but x_T has shape {tuple(jnp.shape(x_T))}")
-    return sampler.init(x_T, key, n)
+    return sampler.init(x_T, key, n, max_steps)
 
   def one(state, i, j):
     """Attempt j of step i from `state`: sampler step, then replacement."""
     inner = state if j is None else state._replace(key=driver.step_key(state.key, i, _SUB + j))
     new = sampler.step(inner, i)._replace(key=state.key)
-    lv = sampler.levels(state, i)
+    lv = driver.row(state, i)["levels"]
     z = driver.noise(driver.step_key(state.key, i, _SUB - 1 - (0 if j is None else j)), known.shape)
     known_s = lv.alpha_next * known + lv.sigma_next * z
     return new._replace(x=mask * known_s + (1.0 - mask) * new.x), lv
 
-  def step(state, i):
+  def step(state, i, last=None):
     if resample == 1:
       return one(state, i, None)[0]
 
@@ -65,4 +65,4 @@ def replace(sampler: driver.Sampler, known, mask, *, resample: int = 1) -> drive
     x = jax.lax.fori_loop(0, resample - 1, again, state.x)
     return one(state._replace(x=x), i, resample - 1)[0]
 
-  return driver.Sampler(init, step, sampler.levels)
+  return driver.Sampler(init, step, stochastic=True)

@@ -65,7 +65,7 @@ def check_weighting(name: str) -> str:
   return name
 
 
-def target_weight(schedule: Schedule, t, target: str, weighting: str = "uniform", **params):
+def target_weight(schedule: Schedule, target: str, t, weighting: str = "uniform", **params):
   """The weight [B] applied to the target-space squared error for `weighting`."""
   check_weighting(weighting)
   unknown = sorted(set(params) - {"gamma", "bias"})
@@ -87,16 +87,18 @@ def target_value(schedule: Schedule, target: str, x0, eps, t):
   check_same_shape(x0, eps, "x0", "eps")
   tb = batch_time(t, x0, "t", "x0")
   a, s, da, ds = targets_lib.coefficients(schedule, tb)
-  return targets_lib.from_x0_eps(x0, eps, target, a, s, da, ds)
+  return targets_lib.from_x0_eps(target, x0, eps, a, s, da, ds)
 
 
-def diffusion_loss(schedule: Schedule, pred, target: str, x0, eps, t, *,
+def diffusion_loss(schedule: Schedule, target: str, pred, x0, eps, t, *,
                    weighting: str = "uniform", **weighting_params):
   """Per-example weighted squared error [B] (float32) of a `target` prediction.
 
+  Argument order, as in every loss: schedule, names, arrays, t, then keyword options.
+
   Args:
-    pred: model output at x_t = q_sample(schedule, x0, t, eps), shape of x0.
     target: what `pred` predicts, one of targets.TARGETS.
+    pred: model output at x_t = q_sample(schedule, x0, t, eps), shape of x0.
     x0, eps: [B, ...]; t: [B].
     weighting: a name in WEIGHTINGS; extra parameters (gamma, bias) by keyword.
   """
@@ -111,7 +113,7 @@ def diffusion_loss(schedule: Schedule, pred, target: str, x0, eps, t, *,
   true = target_value(schedule, target, x0, eps, t)
   err = jnp.square(pred.astype(F32) - true)
   per_ex = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
-  return target_weight(schedule, t, target, weighting, **weighting_params) * per_ex
+  return target_weight(schedule, target, t, weighting, **weighting_params) * per_ex
 
 
 # ---------------------------------------------------------------------------
@@ -134,10 +136,14 @@ def uniform_discrete_t(key, batch_size: int, num_steps: int):
   return (i.astype(F32) + 1.0) / num_steps
 
 
-def log_normal_t(key, batch_size: int, schedule: Schedule, p_mean: float = -1.2, p_std: float = 1.2):
-  """EDM's training noise: ln(sigma/alpha) ~ N(p_mean, p_std^2), mapped back to t (Karras et al. 2022)."""
+def log_normal_t(key, batch_size: int, schedule: Schedule, p_mean: float = -1.2, p_std: float = 1.2,
+                 t_min: float = 1e-5):
+  """EDM's training noise: ln(sigma/alpha) ~ N(p_mean, p_std^2), mapped back to t (Karras et al. 2022).
+
+  Clipped to [t_min, 1] like the other time samplers (a draw below t_min lands on t_min).
+  """
   log_sigma = p_mean + p_std * jax.random.normal(key, (batch_size,), F32)
-  return jnp.clip(schedule.t_from_log_snr(-2.0 * log_sigma), 0.0, 1.0)
+  return jnp.clip(schedule.t_from_log_snr(-2.0 * log_sigma), t_min, 1.0)
 
 
 TIME_SAMPLERS = {
@@ -164,7 +170,7 @@ def sample_t(key, batch_size: int, method: str, *, schedule: Schedule | None = N
   if method == "log_normal":
     if schedule is None:
       raise ValueError("time sampler 'log_normal' needs the schedule")
-    return log_normal_t(key, batch_size, schedule, p_mean, p_std)
+    return log_normal_t(key, batch_size, schedule, p_mean, p_std, t_min)
   raise ValueError(f"unknown time sampler {method!r}; allowed: {sorted(TIME_SAMPLERS)}")
 
 

@@ -354,8 +354,9 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 8
   """EDM noise levels (Karras et al. 2022, eq. 5), descending, float32 [num_steps].
 
   sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
-  The final sigma_N = 0 of the paper is not included. Works with a traced
-  `num_steps` only through `karras_sigmas_padded`.
+  The final sigma_N = 0 of the paper is not included. `num_steps` must be a
+  Python int; the samplers evaluate the same spacing from a traced step index
+  (`samplers.grid`, spacing "karras"), so their step count can be traced.
   """
   n = _check_steps(num_steps)
   _check(0 < sigma_min < sigma_max, f"karras_sigmas: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")

@@ -43,7 +43,7 @@ def expand(c, x, name):
   return c
 
 
-def to_x0_eps(pred, target, x_t, alpha, sigma, d_alpha=None, d_sigma=None):
+def to_x0_eps(target, pred, x_t, alpha, sigma, d_alpha=None, d_sigma=None):
   """Returns (x0, eps) in float32 implied by a prediction of `target` at x_t."""
   check_target(target, "src")
   pred, x_t = jnp.asarray(pred, F32), jnp.asarray(x_t, F32)
@@ -81,7 +81,7 @@ def x0_eps_weights(target, alpha, sigma, d_alpha=None, d_sigma=None):
   return ds / det, -s / det, -da / det, a / det
 
 
-def from_x0_eps(x0, eps, target, alpha, sigma, d_alpha=None, d_sigma=None):
+def from_x0_eps(target, x0, eps, alpha, sigma, d_alpha=None, d_sigma=None):
   """The value of `target` for the pair (x0, eps), float32."""
   check_target(target, "dst")
   x0, eps = jnp.asarray(x0, F32), jnp.asarray(eps, F32)
@@ -100,7 +100,7 @@ def from_x0_eps(x0, eps, target, alpha, sigma, d_alpha=None, d_sigma=None):
   return da * x0 + ds * eps
 
 
-def convert(pred, src, dst, x_t, alpha, sigma, d_alpha=None, d_sigma=None):
+def convert(src, dst, pred, x_t, alpha, sigma, d_alpha=None, d_sigma=None):
   """Converts a prediction of `src` at x_t into `dst`; float32 result.
 
   Args:
@@ -113,8 +113,8 @@ def convert(pred, src, dst, x_t, alpha, sigma, d_alpha=None, d_sigma=None):
   check_target(dst, "dst")
   if src == dst:
     return jnp.asarray(pred, F32)
-  x0, eps = to_x0_eps(pred, src, x_t, alpha, sigma, d_alpha, d_sigma)
-  return from_x0_eps(x0, eps, dst, alpha, sigma, d_alpha, d_sigma)
+  x0, eps = to_x0_eps(src, pred, x_t, alpha, sigma, d_alpha, d_sigma)
+  return from_x0_eps(dst, x0, eps, alpha, sigma, d_alpha, d_sigma)
 
 
 def coefficients(schedule, t):
@@ -123,10 +123,10 @@ def coefficients(schedule, t):
   return schedule.alpha(t), schedule.sigma(t), schedule.d_alpha(t), schedule.d_sigma(t)
 
 
-def convert_at(schedule, pred, src, dst, x_t, t):
+def convert_at(schedule, src, dst, pred, x_t, t):
   """`convert` with the coefficients read from `schedule` at t (scalar or [B])."""
   a, s, da, ds = coefficients(schedule, t)
-  return convert(pred, src, dst, x_t, a, s, da, ds)
+  return convert(src, dst, pred, x_t, a, s, da, ds)
 
 
 def x0_mse_factor(target, alpha, sigma, d_alpha=None, d_sigma=None):

@@ -27,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusax.core import likelihood
-from diffusax.core.samplers import Model
+from diffusax.core import Model
 from diffusax.data import pipeline
 from diffusax.evaluation import distances
-from diffusax.evaluation import ode_likelihood as ode
 from diffusax.programs import sample as sample_prog
 from diffusax.programs import train
 from diffusax.programs.logs import Logger
@@ -146,20 +145,20 @@ class Evaluator:
       null = s.loss.null_class
       cond = None if null is None else jnp.full((len(data),), null, jnp.int32)
       target, sched = s.loss.target, u.schedule
-      t_max = ode.default_t_max(sched, target)
+      t_max = likelihood.ode_default_t_max(sched, target)
       key = jax.random.fold_in(jax.random.key(s.sample.seed), 0xB9D)
       grid = (likelihood.ddpm_grid(sched) if hasattr(sched, "num_steps")
-              else ode.time_grid(sched, ev.vlb_steps, ev.t_min, t_max))
+              else likelihood.ode_time_grid(sched, ev.vlb_steps, ev.t_min, t_max))
 
       def vlb(params, x, k):
-        model = Model(bridge.denoiser(u.module, {"params": params}), target, sched, cond)
-        return likelihood.vlb_terms(sched, lambda xt, t: model.predict(xt, t[0])[0], x, k, grid,
+        model = Model(bridge.denoiser(u.module, {"params": params}), target, sched)
+        return likelihood.vlb_terms(model, x, k, grid, cond=cond,
                                     decoder="discretized" if is_8bit else "gaussian")["total"]
 
       def nll_ode(params, x, k):
-        return ode.ode_log_likelihood(bridge.denoiser(u.module, {"params": params}), target, sched, x, k,
-                                      cond=cond, num_steps=ev.ode_steps, solver=ev.ode_solver,
-                                      divergence=ev.hutchinson, t_min=ev.t_min, t_max=t_max)[0]
+        model = Model(bridge.denoiser(u.module, {"params": params}), target, sched)
+        return likelihood.ode_log_likelihood(model, x, k, cond=cond, num_steps=ev.ode_steps, solver=ev.ode_solver,
+                                             divergence=ev.hutchinson, t_min=ev.t_min, t_max=t_max)[0]
 
       k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
       return {"d": int(np.prod(data.shape[1:])), "is_8bit": is_8bit,
@@ -167,7 +166,7 @@ class Evaluator:
                       jnp.asarray(data, jnp.float32) / 127.5 - 1.0 if is_8bit else jnp.asarray(data, jnp.float32),
                       jax.random.fold_in(key, 0)),
               "ode": (jax.jit(train._count("eval_bpd_ode", nll_ode)),
-                      ode.dequantize(data, k1) if is_8bit else jnp.asarray(data, jnp.float32), k2)}
+                      likelihood.dequantize(data, k1) if is_8bit else jnp.asarray(data, jnp.float32), k2)}
     return self._once("likelihood", build)
 
   def _likelihood_metrics(self, params) -> dict:
@@ -178,7 +177,7 @@ class Evaluator:
       m["bpd_vlb"] = float(jnp.mean(likelihood.bits_per_dim(fn(params, x, k), lk["d"])))
     if "bpd_ode" in ev.metrics:
       fn, x, k = lk["ode"]
-      m["bpd_ode"] = float(jnp.mean(ode.bits_per_dim(fn(params, x, k), lk["d"], dequantized=lk["is_8bit"])))
+      m["bpd_ode"] = float(jnp.mean(likelihood.bits_per_dim(-fn(params, x, k), lk["d"], dequantized=lk["is_8bit"])))
     return m
 
   def evaluate(self, params, step: int, workdir: str, logger: Logger) -> dict:

@@ -1,9 +1,11 @@
 """Generating samples from a trained network: one jitted function per sampler setting.
 
 Sample i of a request starts from x_T = prior_std * N(0, I) drawn with
-fold_in(key, i), so a sample depends on its index and the key alone, not on
-the batch it was generated in. Guidance scale is a traced argument: changing it
-does not recompile.
+fold_in(key, i), so its starting point depends on its index and the key alone.
+The sampler's own draws (stochastic methods) come from one key for the whole
+batch, so with a stochastic method a sample does depend on the batch it was
+generated in; `sampling.job` keys each sample by its index when that matters.
+Guidance scale is a traced argument: changing it does not recompile.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusax.core import guidance, samplers
+from diffusax.core import Model, guidance, samplers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +37,15 @@ def make_generate(module, schedule, target: str, spec: SamplerSpec, *, null_clas
   """Returns jitted gen(params, indices [N], labels [N] | None, scale, key) -> samples [N, *shape] float32."""
   from diffusax.nn import bridge  # The only place this layer touches Flax.
 
-  options = {}
-  if spec.method in ("ddim",):
-    options["eta"] = spec.eta
+  options = {"eta": spec.eta} if "eta" in samplers.options_of(spec.method) else {}
 
   def gen(params, indices, labels, scale, key):
-    denoise = bridge.denoiser(module, {"params": params})
+    model = Model(bridge.denoiser(module, {"params": params}), target, schedule)
     if null_class is not None:
-      denoise = guidance.cfg(denoise, null_cond=null_class, scale=scale, target=target, schedule=schedule)
+      model = guidance.cfg(model, null_cond=null_class, scale=scale)
     x_T = initial_noise(jax.random.fold_in(key, 0), indices, sample_shape, schedule.prior_std)
-    return samplers.sample(denoise, target, schedule, x_T, method=spec.method, num_steps=spec.num_steps,
-                           key=jax.random.fold_in(key, 1), cond=labels, **options)
+    return samplers.sample(model, x_T, key=jax.random.fold_in(key, 1), method=spec.method,
+                           num_steps=spec.num_steps, cond=labels, options=options)
 
   return jax.jit(gen)
 

@@ -37,11 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusax.core import guidance, samplers
+from diffusax.core import Model, guidance, samplers
 from diffusax.parallel import mesh as mesh_lib
 from diffusax.sampling import generate
 
-STOCHASTIC = ("ddpm", "euler_maruyama", "pc")
 _SHARD = re.compile(r"^shard_(\d{6})\.npz$")
 
 
@@ -68,8 +67,13 @@ class JobSpec:
   def num_shards(self) -> int:
     return -(-self.num_samples // self.shard_size)
 
+  def sampler_options(self) -> dict:
+    """The method options of the job's sampler (`samplers.options_of`): eta where the method has it."""
+    return {"eta": self.eta} if "eta" in samplers.options_of(self.method) else {}
+
   def per_sample_keys(self) -> bool:
-    return self.method in STOCHASTIC or (self.method == "ddim" and self.eta != 0.0)
+    """Whether the sampler draws noise (as the method declares), so each sample needs its own key."""
+    return samplers.stochastic(self.method, self.sampler_options())
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
@@ -90,17 +94,17 @@ def labels_for(spec: JobSpec, indices: np.ndarray) -> np.ndarray | None:
 def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: int | None) -> Callable:
   """fn(params, indices [B] uint32, labels [B] int32 | None, scale) -> float32 samples [B, *shape]."""
   from diffusax.nn import bridge
-  options = {"eta": spec.eta} if spec.method == "ddim" else {}
+  options = spec.sampler_options()
   shape = tuple(spec.sample_shape)
   base = jax.random.key(spec.seed)
   k_noise, k_loop = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
 
   def run(params, x_T, labels, scale, key):
-    denoise = bridge.denoiser(module, {"params": params})
+    model = Model(bridge.denoiser(module, {"params": params}), target, schedule)
     if null_class is not None:
-      denoise = guidance.cfg(denoise, null_cond=null_class, scale=scale)
-    return samplers.sample(denoise, target, schedule, x_T, method=spec.method, num_steps=spec.num_steps,
-                           key=key, cond=labels, **options)
+      model = guidance.cfg(model, null_cond=null_class, scale=scale)
+    return samplers.sample(model, x_T, key=key, method=spec.method, num_steps=spec.num_steps, cond=labels,
+                           options=options)
 
   def fn(params, indices, labels, scale):
     x_T = generate.initial_noise(k_noise, indices, shape, schedule.prior_std)

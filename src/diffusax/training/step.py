@@ -109,7 +109,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
 
     def loss_sum(params, x_t, t, y, x, eps):
       pred = apply_fn({"params": params}, x_t, t, y, train=True, rngs={"dropout": k_drop})
-      per_example = losses.diffusion_loss(schedule, pred, loss.target, x, eps, t,
+      per_example = losses.diffusion_loss(schedule, loss.target, pred, x, eps, t,
                                           weighting=loss.weighting, **wparams)
       return jnp.sum(per_example)
 
@@ -171,7 +171,7 @@ def make_eval_loss(apply_fn: Callable, schedule, loss: LossConfig):
     x_t = process.q_sample(schedule, x, t, eps)
     y = batch["label"] if loss.null_class is not None else None
     pred = apply_fn({"params": params}, x_t, t, y, train=False)
-    return jnp.mean(losses.diffusion_loss(schedule, pred, loss.target, x, eps, t,
+    return jnp.mean(losses.diffusion_loss(schedule, loss.target, pred, x, eps, t,
                                           weighting=loss.weighting, **wparams))
 
   return eval_loss

@@ -12,7 +12,7 @@ eq. 7, for adjacent DDPM steps). Written with r = 1 - SNR_t/SNR_s = -expm1(lambd
       variance="small"  var = beta_tilde = sigma_s^2 r
       variance="large"  var = beta = sigma_{t|s}^2 = sigma_t^2 r      (Ho et al. 2020, sec. 3.2)
       learned           log var = f log(beta) + (1 - f) log(beta_tilde), f = (v + 1) / 2
-                        (Nichol & Dhariwal 2021, eq. 15; `Model(learned_variance=True)`)
+                        (Nichol & Dhariwal 2021, eq. 15; `Model(..., learned_variance=True)`)
   * DDIM (Song et al. 2021, eq. 12 and 16): c = eta, var = eta^2 v_post. eta = 0 is the
     deterministic sampler, eta = 1 is DDPM with variance="small" (same draws, same key).
 
@@ -25,60 +25,58 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from diffusax.core.samplers import driver, grid
-from diffusax.core.samplers.model import Model
+from diffusax.core.samplers.model import Bound
 
 VARIANCES = ("small", "large")
 
 
-def _sampler(model: Model, t_at, kind: str, eta=None, variance: str = "small",
+def _sampler(m: Bound, t_at, kind: str, eta=None, variance: str = "small",
              deterministic: bool = False) -> driver.Sampler:
-  schedule = model.schedule
+  schedule = m.schedule
 
-  def levels(state, i):
-    return grid.levels(schedule, t_at, i, state.n)
-
-  def plan(i, n, last=None):
-    """Every scalar of step i (tabulated per step when n is static; see `driver`)."""
-    lv = grid.levels(schedule, t_at, i, n, last)
-    last = jnp.asarray(lv.last)
+  def plan(lv, i, n):
+    """Every scalar of step i besides its levels (tabulated per step; see `driver`)."""
+    last = lv.last
     r = jnp.where(last, 1.0, -jnp.expm1(lv.log_snr - jnp.where(last, 0.0, lv.log_snr_next)))
     s2 = lv.sigma_next ** 2
-    c = dict(t=lv.t, alpha_next=lv.alpha_next, m=model.coef(lv.t), last=last)
+    c = dict(w=m.weights(lv.t))
     if kind == "ddim":
       c["c_eps"] = lv.sigma_next * jnp.sqrt(jnp.maximum(1.0 - eta * eta * r, 0.0))
-      c["std"] = jnp.sqrt(eta * eta * s2 * r)
-      c["draw"] = (eta > 0) & ~last
+      if not deterministic:
+        c["std"] = jnp.sqrt(eta * eta * s2 * r)
+        c["draw"] = (eta > 0) & ~last
       return c
     c["c_eps"] = lv.sigma_next * jnp.sqrt(jnp.maximum(1.0 - r, 0.0))
     small, large = s2 * r, lv.sigma ** 2 * r
-    if model.learned_variance:
+    if m.learned_variance:
       c["log_large"], c["log_small"] = jnp.log(large), jnp.log(jnp.maximum(small, 1e-20))
     else:
       c["std"] = jnp.sqrt(jnp.where(last, 0.0, large) if variance == "large" else small)
     return c
 
-  def init(x_T, key, n):
-    return driver.init_state(x_T, key, n, plan=plan)
+  def init(x_T, key, n, max_steps):
+    return driver.init_state(x_T, key, n, max_steps, t_at, schedule, plan)
 
-  def step(state, i):
-    c = driver.coefs(state, plan, i)
-    x0, eps, v = model.predict(state.x, c["t"], c["m"])
-    mean = c["alpha_next"] * x0 + c["c_eps"] * eps
+  def step(state, i, last=None):
+    c = driver.row(state, i)
+    lv = c["levels"]
+    x0, eps, var_interp = m.predict(state.x, lv.t, c["w"])
+    mean = lv.alpha_next * x0 + c["c_eps"] * eps
     if kind == "ddim":
       if deterministic:  # A Python eta of 0: no per-step cond around a draw that never happens.
         return state._replace(x=mean)
       return state._replace(x=driver.add_noise(mean, c["std"], c["draw"], state.key, i))
     z = driver.noise(driver.step_key(state.key, i), state.x.shape)
-    if v is not None:
-      frac = (v + 1.0) / 2.0
-      var = jnp.where(c["last"], 0.0, jnp.exp(frac * c["log_large"] + (1.0 - frac) * c["log_small"]))
+    if var_interp is not None:
+      frac = (var_interp + 1.0) / 2.0
+      var = jnp.where(lv.last, 0.0, jnp.exp(frac * c["log_large"] + (1.0 - frac) * c["log_small"]))
       return state._replace(x=mean + jnp.sqrt(var) * z)
     return state._replace(x=mean + c["std"] * z)
 
-  return driver.Sampler(init, step, levels)
+  return driver.Sampler(init, step, stochastic=not deterministic)
 
 
-def ddpm(model: Model, *, variance: str = "small", spacing: str = "linspace", t_min=None, t_max=None):
+def ddpm(m: Bound, *, variance: str = "small", spacing: str = "linspace", t_min=None, t_max=None):
   """Ancestral sampler. On a `Discrete` schedule with num_steps = T it visits every step.
 
   Args:
@@ -88,12 +86,13 @@ def ddpm(model: Model, *, variance: str = "small", spacing: str = "linspace", t_
   """
   if variance not in VARIANCES:
     raise ValueError(f"unknown variance {variance!r}; allowed: {list(VARIANCES)}")
-  return _sampler(model, grid.make(model.schedule, spacing, t_min, t_max), "ddpm", variance=variance)
+  return _sampler(m, grid.make(m.schedule, spacing, t_min, t_max), "ddpm", variance=variance)
 
 
-def ddim(model: Model, *, eta=0.0, spacing: str = "linspace", t_min=None, t_max=None):
-  """DDIM with a traced eta (0 deterministic, 1 = ancestral with beta_tilde); a Python 0 builds no draw at all."""
+def ddim(m: Bound, *, eta=0.0, spacing: str = "linspace", t_min=None, t_max=None):
+  """DDIM with a traced eta (0 deterministic, 1 = ancestral with beta_tilde); a Python 0 builds no draw at all
+  (and the sampler is then deterministic: `Sampler.stochastic` is False)."""
   deterministic = isinstance(eta, (int, float)) and eta == 0  # Built without the noise branch.
   eta = jnp.asarray(eta, jnp.float32)
-  return _sampler(model, grid.make(model.schedule, spacing, t_min, t_max), "ddim", eta=eta,
+  return _sampler(m, grid.make(m.schedule, spacing, t_min, t_max), "ddim", eta=eta,
                   deterministic=deterministic)

@@ -17,30 +17,28 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from diffusax.core.samplers import driver, grid
-from diffusax.core.samplers.model import Model
+from diffusax.core.samplers.model import Bound
 
 
-def dpm_solver_pp_2m(model: Model, *, spacing: str = "log_snr", t_min=None, t_max=None):
-  schedule = model.schedule
-  t_at = grid.make(schedule, spacing, t_min, t_max)
+def dpm_solver_pp_2m(m: Bound, *, spacing: str = "log_snr", t_min=None, t_max=None):
+  t_at = grid.make(m.schedule, spacing, t_min, t_max)
 
-  def levels(state, i):
-    return grid.levels(schedule, t_at, i, state.n)
-
-  def init(x_T, key, n):
-    x = jnp.asarray(x_T, jnp.float32)
-    return driver.init_state(x, key, n, aux=(jnp.zeros_like(x), jnp.zeros((), jnp.float32)))
-
-  def step(state, i):
-    lv = levels(state, i)
-    x0_prev, h_prev = state.aux
-    x0 = model.predict(state.x, lv.t)[0]
+  def plan(lv, i, n):
     h = 0.5 * (jnp.where(lv.last, lv.log_snr, lv.log_snr_next) - lv.log_snr)
-    first = i == 0
-    inv2r = jnp.where(first | lv.last, 0.0, 0.5 * h / jnp.where(first, 1.0, h_prev))
-    d = (1.0 + inv2r) * x0 - inv2r * x0_prev
-    x = (lv.sigma_next / lv.sigma) * state.x - lv.alpha_next * jnp.expm1(-h) * d
-    x = jnp.where(lv.last, x0, x)
-    return state._replace(x=x, aux=(x0, h))
+    h_prev = 0.5 * (lv.log_snr - grid.levels(m.schedule, t_at, jnp.maximum(i - 1, 0), n).log_snr)
+    inv2r = jnp.where((i == 0) | lv.last, 0.0, 0.5 * h / jnp.where(i == 0, 1.0, h_prev))
+    return dict(w=m.weights(lv.t), c_x=lv.sigma_next / lv.sigma, c_d=-lv.alpha_next * jnp.expm1(-h),
+                inv2r=inv2r)
 
-  return driver.Sampler(init, step, levels)
+  def init(x_T, key, n, max_steps):
+    x = jnp.asarray(x_T, jnp.float32)
+    return driver.init_state(x, key, n, max_steps, t_at, m.schedule, plan, aux=jnp.zeros_like(x))
+
+  def step(state, i, last=None):
+    c = driver.row(state, i)
+    x0 = m.predict(state.x, c["levels"].t, c["w"]).x0
+    d = (1.0 + c["inv2r"]) * x0 - c["inv2r"] * state.aux
+    x = jnp.where(c["levels"].last, x0, c["c_x"] * state.x + c["c_d"] * d)
+    return state._replace(x=x, aux=x0)
+
+  return driver.Sampler(init, step, stochastic=False)

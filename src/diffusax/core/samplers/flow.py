@@ -19,44 +19,40 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from diffusax.core.samplers import driver, grid
-from diffusax.core.samplers.model import Model
+from diffusax.core.samplers.model import Bound
 
 
-def _sampler(model: Model, heun: bool, *, spacing: str = "trailing", t_min=None, t_max=None):
-  schedule = model.schedule
+def _sampler(m: Bound, heun: bool, *, spacing: str = "trailing", t_min=None, t_max=None):
+  schedule = m.schedule
   if t_max is None:
-    t_max = grid.default_t_max(schedule, endpoint_ok=model.target in ("flow", "x0", "v"))
+    t_max = grid.default_t_max(schedule, endpoint_ok=m.target in ("flow", "x0", "v"))
   t_at = grid.make(schedule, spacing, t_min, t_max)
 
-  def levels(state, i):
-    return grid.levels(schedule, t_at, i, state.n)
-
-  def plan(i, n, last=None):
-    """Every scalar of step i (tabulated per step when n is static; see `driver`)."""
-    lv = grid.levels(schedule, t_at, i, n, last)
-    c = dict(t=lv.t, t_next=lv.t_next, dt=lv.t_next - lv.t, last=jnp.asarray(lv.last),
-             m=model.coef(lv.t), d=(schedule.d_alpha(lv.t), schedule.d_sigma(lv.t)))
+  def plan(lv, i, n):
+    """Every scalar of step i besides its levels (tabulated per step; see `driver`)."""
+    c = dict(dt=lv.t_next - lv.t, w=m.weights(lv.t), d=(schedule.d_alpha(lv.t), schedule.d_sigma(lv.t)))
     if heun:  # The corrector's scalars at t_next; at the last step (no corrector) finite stand-ins at t.
       t_c = jnp.where(lv.last, lv.t, lv.t_next)
-      c["m_next"], c["d_next"] = model.coef(t_c), (schedule.d_alpha(t_c), schedule.d_sigma(t_c))
+      c["w_next"], c["d_next"] = m.weights(t_c), (schedule.d_alpha(t_c), schedule.d_sigma(t_c))
     return c
 
-  def init(x_T, key, n):
-    return driver.init_state(x_T, key, n, plan=plan)
+  def init(x_T, key, n, max_steps):
+    return driver.init_state(x_T, key, n, max_steps, t_at, schedule, plan)
 
-  def velocity(x, t, m, d):
+  def velocity(x, t, w, d):
     """(u, x0_hat) from one network call; u = d_alpha x0_hat + d_sigma eps_hat."""
-    out, _ = model.output(x, t)
-    return model.combine(x, out, m, d[0], d[1]), model.x0_eps(x, out, m)[0]
+    out, _ = m.output(x, t)
+    return m.combine(x, out, w, d[0], d[1]), m.x0_eps(x, out, w)[0]
 
   def step(state, i, last=None):
-    c = driver.coefs(state, plan, i, last)
-    last = c["last"] if last is None else last
-    u, x0 = velocity(state.x, c["t"], c["m"], c["d"])
+    c = driver.row(state, i)
+    lv = c["levels"]
+    last = lv.last if last is None else last
+    u, x0 = velocity(state.x, lv.t, c["w"], c["d"])
     x_next = state.x + c["dt"] * u
     if heun:
       def correct():
-        u1, _ = velocity(x_next, c["t_next"], c["m_next"], c["d_next"])
+        u1, _ = velocity(x_next, lv.t_next, c["w_next"], c["d_next"])
         return state.x + c["dt"] * 0.5 * (u + u1)
       x_next = driver.branch(last, lambda: x0, correct)
     else:
@@ -64,14 +60,14 @@ def _sampler(model: Model, heun: bool, *, spacing: str = "trailing", t_min=None,
     return state._replace(x=x_next)
 
   # Heun's last step skips the corrector: `run` peels it off the loop (see `driver`).
-  return driver.Sampler(init, lambda s, i: step(s, i), levels, step if heun else None)
+  return driver.Sampler(init, step, stochastic=False, peel_last=heun)
 
 
-def flow_euler(model: Model, **options):
+def flow_euler(m: Bound, *, spacing: str = "trailing", t_min=None, t_max=None):
   """Options: spacing (default "trailing"), t_min, t_max."""
-  return _sampler(model, False, **options)
+  return _sampler(m, False, spacing=spacing, t_min=t_min, t_max=t_max)
 
 
-def flow_heun(model: Model, **options):
+def flow_heun(m: Bound, *, spacing: str = "trailing", t_min=None, t_max=None):
   """Options: spacing (default "trailing"), t_min, t_max."""
-  return _sampler(model, True, **options)
+  return _sampler(m, True, spacing=spacing, t_min=t_min, t_max=t_max)

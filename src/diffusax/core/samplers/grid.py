@@ -98,7 +98,7 @@ class Levels(NamedTuple):
   log_snr: jnp.ndarray
   alpha_next: jnp.ndarray
   sigma_next: jnp.ndarray
-  log_snr_next: jnp.ndarray  # meaningless when last (it is +inf there)
+  log_snr_next: jnp.ndarray  # meaningless when last (a finite stand-in there, log_snr: no inf in a table)
   last: jnp.ndarray          # bool: i == n - 1 (a Python bool when given statically)
 
 
@@ -112,7 +112,7 @@ def levels(schedule: Schedule, t_at: Callable, i, n, last=None) -> Levels:
   a, s, l = schedule.alpha(t), schedule.sigma(t), schedule.log_snr(t)
   zero, one = jnp.zeros((), F32), jnp.ones((), F32)
   if last is True:
-    return Levels(t, zero, a, s, l, one, zero, jnp.full((), jnp.inf, F32), True)
+    return Levels(t, zero, a, s, l, one, zero, l, True)
   if last is False:
     t_next = t_at(i + 1, n)
     return Levels(t, t_next, a, s, l, schedule.alpha(t_next), schedule.sigma(t_next), schedule.log_snr(t_next), False)
@@ -120,4 +120,4 @@ def levels(schedule: Schedule, t_at: Callable, i, n, last=None) -> Levels:
   t_next = t_at(jnp.minimum(i + 1, n - 1), n)
   a_n, s_n, l_n = schedule.alpha(t_next), schedule.sigma(t_next), schedule.log_snr(t_next)
   return Levels(t, jnp.where(last, 0.0, t_next), a, s, l,
-                jnp.where(last, one, a_n), jnp.where(last, zero, s_n), jnp.where(last, jnp.inf, l_n), last)
+                jnp.where(last, one, a_n), jnp.where(last, zero, s_n), jnp.where(last, l, l_n), last)

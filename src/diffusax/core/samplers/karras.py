@@ -25,26 +25,22 @@ import math
 import jax.numpy as jnp
 
 from diffusax.core.samplers import driver, grid
-from diffusax.core.samplers.model import Model
+from diffusax.core.samplers.model import Bound
 
 F32 = jnp.float32
 
 
-def _sampler(model: Model, heun: bool, *, churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+def _sampler(m: Bound, heun: bool, *, churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              spacing: str = "karras", t_min=None, t_max=None, rho: float = 7.0) -> driver.Sampler:
-  schedule = model.schedule
+  schedule = m.schedule
   t_at = grid.make(schedule, spacing, t_min, t_max, rho)
   # A Python churn of 0 (the default) is the plain ODE, built without the churn branch: that
   # per-step lax.cond costs ~10-20% of a cheap step on CPU even when it never draws.
   use_churn = not (isinstance(churn, (int, float)) and churn == 0)
   churn, s_tmin, s_tmax, s_noise = (jnp.asarray(v, F32) for v in (churn, s_tmin, s_tmax, s_noise))
 
-  def levels(state, i):
-    return grid.levels(schedule, t_at, i, state.n)
-
-  def plan(i, n, last=None):
-    """Every scalar of step i (tabulated per step when n is static; see `driver`)."""
-    lv = grid.levels(schedule, t_at, i, n, last)
+  def plan(lv, i, n):
+    """Every scalar of step i besides its levels (tabulated per step; see `driver`)."""
     sig = lv.sigma / lv.alpha
     sig_next = lv.sigma_next / lv.alpha_next
     if use_churn:
@@ -58,45 +54,49 @@ def _sampler(model: Model, heun: bool, *, churn=0.0, s_tmin=0.0, s_tmax=float("i
       churn_entries = dict(std=std, churned=gamma > 0)
     else:
       sig_hat, t_hat, churn_entries = sig, lv.t, {}
-    c = dict(t_hat=t_hat, t_next=lv.t_next, alpha_next=lv.alpha_next, **churn_entries,
-             inv_alpha=driver.reciprocal(lv.alpha), inv_sig_hat=driver.reciprocal(sig_hat),
-             dsig=sig_next - sig_hat, m=model.coef(t_hat), last=jnp.asarray(lv.last))
+    c = dict(t_hat=t_hat, **churn_entries, inv_alpha=driver.reciprocal(lv.alpha),
+             inv_sig_hat=driver.reciprocal(sig_hat), dsig=sig_next - sig_hat, w=m.weights(t_hat))
     if heun:  # The corrector's scalars; at the last step (s = 0, no corrector) finite stand-ins, not 1 / 0.
       c["inv_sig_next"] = jnp.where(lv.last, 0.0, driver.reciprocal(jnp.where(lv.last, 1.0, sig_next)))
-      c["m_next"] = model.coef(jnp.where(lv.last, lv.t, lv.t_next))
+      c["w_next"] = m.weights(jnp.where(lv.last, lv.t, lv.t_next))
     return c
 
-  def init(x_T, key, n):
-    return driver.init_state(x_T, key, n, plan=plan)
+  def init(x_T, key, n, max_steps):
+    return driver.init_state(x_T, key, n, max_steps, t_at, schedule, plan)
 
   def step(state, i, last=None):
-    c = driver.coefs(state, plan, i, last)
-    last = c["last"] if last is None else last
+    c = driver.row(state, i)
+    lv = c["levels"]
+    last = lv.last if last is None else last
     x = driver.add_noise(state.x, c["std"], c["churned"], state.key, i) if use_churn else state.x
     xs = x * c["inv_alpha"]
     # Without churn the network input alpha(t_hat) x~ is x itself: no multiply to undo the division.
-    d0 = model.predict(c["m"].alpha * xs if use_churn else x, c["t_hat"], c["m"])[0]
+    d0 = m.predict(c["w"].alpha * xs if use_churn else x, c["t_hat"], c["w"]).x0
     deriv = (xs - d0) * c["inv_sig_hat"]
     xs_next = xs + c["dsig"] * deriv
     if heun:
       def correct():
-        d1 = model.predict(c["alpha_next"] * xs_next, c["t_next"], c["m_next"])[0]
+        d1 = m.predict(lv.alpha_next * xs_next, lv.t_next, c["w_next"]).x0
         return xs + c["dsig"] * 0.5 * (deriv + (xs_next - d1) * c["inv_sig_next"])
       xs_next = driver.branch(last, lambda: d0, correct)
     else:
       xs_next = jnp.where(last, d0, xs_next)
-    return state._replace(x=c["alpha_next"] * xs_next)
+    return state._replace(x=lv.alpha_next * xs_next)
 
   # The last step returns D (Heun: without the corrector): `run` peels it off the loop, so the
   # loop body has no select or cond on "last" (see `driver`).
-  return driver.Sampler(init, lambda s, i: step(s, i), levels, step)
+  return driver.Sampler(init, step, stochastic=use_churn, peel_last=True)
 
 
-def euler(model: Model, **options):
+def euler(m: Bound, *, churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, spacing: str = "karras",
+          t_min=None, t_max=None, rho: float = 7.0):
   """EDM Euler (Algorithm 2 with the second-order correction removed). Options as in `heun`."""
-  return _sampler(model, False, **options)
+  return _sampler(m, False, churn=churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, spacing=spacing,
+                  t_min=t_min, t_max=t_max, rho=rho)
 
 
-def heun(model: Model, **options):
+def heun(m: Bound, *, churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, spacing: str = "karras",
+         t_min=None, t_max=None, rho: float = 7.0):
   """EDM Heun (Algorithms 1-2). Options: churn, s_tmin, s_tmax, s_noise (traced), spacing, t_min, t_max, rho."""
-  return _sampler(model, True, **options)
+  return _sampler(m, True, churn=churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, spacing=spacing,
+                  t_min=t_min, t_max=t_max, rho=rho)

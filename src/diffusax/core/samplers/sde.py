@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusax.core.samplers import driver, grid
-from diffusax.core.samplers.model import Model
+from diffusax.core.samplers.model import Bound
 
 F32 = jnp.float32
 
@@ -36,48 +36,51 @@ def _norm(x):
   return jnp.mean(jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1)))
 
 
-def _sampler(model: Model, *, n_corrector: int = 0, snr=0.16, spacing: str = "linspace", t_min=None, t_max=None):
-  schedule = model.schedule
+def _sampler(m: Bound, *, n_corrector: int = 0, snr=0.16, spacing: str = "linspace", t_min=None, t_max=None):
+  schedule = m.schedule
   t_at = grid.make(schedule, spacing, t_min, t_max)
   snr = jnp.asarray(snr, F32)
-  if not isinstance(n_corrector, int) or n_corrector < 0:
+  if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
     raise ValueError(f"n_corrector must be a static int >= 0, got {n_corrector!r}")
 
-  def levels(state, i):
-    return grid.levels(schedule, t_at, i, state.n)
-
-  def init(x_T, key, n):
-    return driver.init_state(x_T, key, n)
-
-  def step(state, i):
-    lv = levels(state, i)
-    x = state.x
-    if n_corrector:
-      a = jnp.where(lv.last | (schedule.kind == "ve"), 1.0, (lv.alpha / lv.alpha_next) ** 2)
-
-      def corrector(j, x):
-        _, eps, _ = model.predict(x, lv.t)
-        score = -eps / lv.sigma
-        z = driver.noise(driver.step_key(state.key, i, j + 1), x.shape)
-        e = 2.0 * a * (snr * _norm(z) / jnp.maximum(_norm(score), 1e-20)) ** 2
-        return x + e * score + jnp.sqrt(2.0 * e) * z
-      x = jax.lax.fori_loop(0, n_corrector, corrector, x)
-    x0, eps, _ = model.predict(x, lv.t)
+  def plan(lv, i, n):
     f, g2 = schedule.sde(lv.t)
     dt = lv.t - lv.t_next
-    score = -eps / lv.sigma
+    c = dict(w=m.weights(lv.t), inv_sigma=driver.reciprocal(lv.sigma), f_dt=f * dt, g2_dt=g2 * dt,
+             std=jnp.sqrt(g2 * dt))
+    if n_corrector:
+      c["a"] = jnp.where(lv.last | (schedule.kind == "ve"), 1.0,
+                         (lv.alpha / jnp.where(lv.last, 1.0, lv.alpha_next)) ** 2)
+    return c
+
+  def init(x_T, key, n, max_steps):
+    return driver.init_state(x_T, key, n, max_steps, t_at, schedule, plan)
+
+  def step(state, i, last=None):
+    c = driver.row(state, i)
+    lv = c["levels"]
+    x = state.x
+    if n_corrector:
+      def corrector(j, x):
+        score = -m.predict(x, lv.t, c["w"]).eps * c["inv_sigma"]
+        z = driver.noise(driver.step_key(state.key, i, j + 1), x.shape)
+        e = 2.0 * c["a"] * (snr * _norm(z) / jnp.maximum(_norm(score), 1e-20)) ** 2
+        return x + e * score + jnp.sqrt(2.0 * e) * z
+      x = jax.lax.fori_loop(0, n_corrector, corrector, x)
+    x0, eps, _ = m.predict(x, lv.t, c["w"])
+    score = -eps * c["inv_sigma"]
     z = driver.noise(driver.step_key(state.key, i, 0), x.shape)
-    x_next = x - (f * x - g2 * score) * dt + jnp.sqrt(g2 * dt) * z
+    x_next = x - c["f_dt"] * x + c["g2_dt"] * score + c["std"] * z
     return state._replace(x=jnp.where(lv.last, x0, x_next))
 
-  return driver.Sampler(init, step, levels)
+  return driver.Sampler(init, step, stochastic=True)
 
 
-def euler_maruyama(model: Model, *, spacing: str = "linspace", t_min=None, t_max=None):
+def euler_maruyama(m: Bound, *, spacing: str = "linspace", t_min=None, t_max=None):
   """Reverse-SDE Euler-Maruyama, one network call per step."""
-  return _sampler(model, spacing=spacing, t_min=t_min, t_max=t_max)
+  return _sampler(m, spacing=spacing, t_min=t_min, t_max=t_max)
 
 
-def pc(model: Model, *, n_corrector: int = 1, snr=0.16, spacing: str = "linspace", t_min=None, t_max=None):
+def pc(m: Bound, *, n_corrector: int = 1, snr=0.16, spacing: str = "linspace", t_min=None, t_max=None):
   """Predictor (Euler-Maruyama) + Langevin corrector with signal-to-noise ratio `snr`."""
-  return _sampler(model, n_corrector=n_corrector, snr=snr, spacing=spacing, t_min=t_min, t_max=t_max)
+  return _sampler(m, n_corrector=n_corrector, snr=snr, spacing=spacing, t_min=t_min, t_max=t_max)
