@@ -262,7 +262,8 @@ def open_checkpointer(u: Setup, workdir: str, logger: Logger | None = None) -> c
   return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
                                async_save=s.train.async_checkpoints,
                                replicated_sharding=mesh_lib.replicated(u.mesh),
-                               log=logger.info if logger is not None else print)
+                               log=logger.info if logger is not None else print,
+                               allow_unverified=s.train.allow_unverified_restore)
 
 
 def train_and_evaluate(s: Settings, workdir: str, devices=None) -> dict:
