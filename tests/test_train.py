@@ -160,12 +160,7 @@ def _main(args, **kw):
                         env=env, cwd=ROOT, timeout=600, **kw)
 
 
-def test_misspelt_override_is_one_clean_line(tmp_path):
-  r = _main(["--config=configs/toy2d.py", f"--workdir={tmp_path}", "--config.train.batchsize=3"])
-  assert r.returncode == 2
-  err = [l for l in r.stderr.splitlines() if l.strip()]
-  assert "Traceback" not in r.stderr, r.stderr
-  assert len(err) == 1 and "batchsize" in err[0] and "batch_size" in err[0], r.stderr
+# The misspelt override's one-line error: tests/test_cli_errors.py (one forked process per case).
 
 
 def _toy_args(data_dir, wd, steps, extra=()):
