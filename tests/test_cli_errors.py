@@ -62,6 +62,8 @@ def test_command_line_errors_are_one_line(tmp_path):
   a_file.write_text("not a directory")
   broken = tmp_path / "broken_config.py"
   broken.write_text("def get_config():\n  return undefined_name\n")
+  no_return = tmp_path / "no_return.py"
+  no_return.write_text("def get_config():\n  pass\n")
   wd = str(tmp_path / "wd")
   toy = "--config=configs/toy2d.py"
   cases = {  # argv -> the whole stderr line
@@ -89,6 +91,9 @@ def test_command_line_errors_are_one_line(tmp_path):
       "error inside the config file": (
           [f"--config={broken}", f"--workdir={wd}"],
           f"error in config file {broken}, line 2: NameError: name 'undefined_name' is not defined"),
+      "config without a return": (
+          [f"--config={no_return}", f"--workdir={wd}"],
+          f"--config={no_return}: get_config() returned None (a missing return?)"),
   }
   results = _run_cases([argv for argv, _ in cases.values()])
   for (name, (argv, line)), r in zip(cases.items(), results):

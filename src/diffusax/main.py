@@ -87,8 +87,14 @@ def _override_error(e: BaseException, argv) -> str:
           + (f"; did you mean {near.group(1)!r}?" if near else ""))
 
 
+def _not_the_none_config_warning(record) -> bool:
+  """ml_collections logs a warning for a get_config() that returns None; the one-line error says it."""
+  return "get_config() returned None" not in record.getMessage()
+
+
 def _parse_flags(argv):
   path = _config_path(argv[1:])
+  logging.get_absl_logger().addFilter(_not_the_none_config_warning)
   try:
     rest = FLAGS(argv)
   except flags.Error as e:
@@ -112,6 +118,8 @@ def _parse_flags(argv):
       raise
     _error(f"error in config file {path}, line {line}: {type(e).__name__}: {e}")
   value = FLAGS["config"].value
+  if value is None and path:
+    _error(f"--config={path}: get_config() returned None (a missing return?)")
   if value is not None and not isinstance(value, ml_collections.ConfigDict):
     try:
       value.lock  # ml_collections defers the OSError of an unloadable file to the first access.
