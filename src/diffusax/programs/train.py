@@ -101,7 +101,7 @@ def setup(s: Settings, devices=None) -> Setup:
   try:
     source = pipeline.open_source(s.data.name, s.data.split, s.data.data_dir)
     num_classes = pipeline.num_classes(s.data.name, s.data.data_dir)
-  except (pipeline.DataError, ValueError) as e:
+  except pipeline.DataError as e:  # Other failures keep their own type and traceback.
     raise ConfigError(f"data: {e}") from None
   s = settings_lib.with_null_class(s, num_classes)
   settings_lib.time_sampler_check(s)
@@ -328,7 +328,7 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
   if s.data.eval_split:
     try:
       eval_source = pipeline.open_source(s.data.name, s.data.eval_split, s.data.data_dir)
-    except (pipeline.DataError, ValueError) as e:
+    except pipeline.DataError as e:  # Other failures keep their own type and traceback.
       raise ConfigError(f"data.eval_split: {e}") from None
   gen = make_generator(u)
 
