@@ -4,8 +4,8 @@
 #
 #   launch/local_multiprocess.sh NUM_PROCESSES --config=configs/toy2d.py --workdir=runs/toy2d_mp [--config.X=...]
 #
-# Environment: PYTHON (default: python), PORT (coordinator port; default: a free one),
-# CPU_DEVICES_PER_PROCESS (default 1). All processes share the workdir: checkpoints are written
+# Environment: PYTHON (default: python), PORT (coordinator port; default: a free one, reserved for the
+# whole run, see below), CPU_DEVICES_PER_PROCESS (default 1). All processes share the workdir: checkpoints are written
 # collectively, logs, metrics and sample grids only by process 0. SIGINT/SIGTERM to this script are
 # forwarded to every process as SIGTERM (JAX's preemption sync picks one step; all save it and exit 0).
 set -euo pipefail
@@ -14,7 +14,25 @@ if [[ $# -lt 1 || ! $1 =~ ^[0-9]+$ ]]; then
 fi
 n=$1; shift
 PYTHON=${PYTHON:-python}
-port=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+holder=
+if [[ -n ${PORT:-} ]]; then
+  port=$PORT
+else
+  # A free port, held until this script exits, so nothing else can take it between the pick and the
+  # coordinator's bind: a helper binds [::]:0 (never listening) with SO_REUSEPORT, which the coordinator's
+  # gRPC server also sets, so the coordinator binds beside it while any other bind gets EADDRINUSE.
+  portfile=$(mktemp)
+  "$PYTHON" -m diffusax.parallel.port "$$" >"$portfile" &
+  holder=$!
+  until [[ $(wc -l <"$portfile") -ge 1 ]]; do
+    kill -0 "$holder" 2>/dev/null || { echo "$0: could not reserve a port" >&2; exit 1; }
+    sleep 0.05
+  done
+  read -r port <"$portfile"
+  rm -f "$portfile"
+fi
+release() { if [[ -n $holder ]]; then kill "$holder" 2>/dev/null || true; fi; }
+trap release EXIT
 devs=${CPU_DEVICES_PER_PROCESS:-1}
 # Keep the caller's XLA flags except a device count, which is set per process here.
 flags=$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')

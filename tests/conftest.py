@@ -2,7 +2,8 @@
 
 * 8 fake CPU devices so mesh tests run on one machine.
 * XLA:CPU convolution/dot fusions sent back to Eigen: about 2x faster conv
-  training steps on CPU (see ../shared/NOTES.md); numerics are unchanged.
+  training steps on CPU (measured in benchmarks/README.md; the same flag as
+  `runtime.xla_cpu_eigen_convs` in diffusax/main.py); numerics are unchanged.
 * A persistent compilation cache in a fresh temporary directory for this test
   session (inherited by the subprocesses the tests start), so a program a test
   compiles again in a restarted or second process is loaded, not recompiled

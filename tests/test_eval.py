@@ -25,7 +25,27 @@ def _random_cov(rng, d, scale=1.0):
 def test_fd_of_a_set_with_itself_is_zero():
   rng = np.random.default_rng(0)
   f = rng.standard_normal((500, 64)) * 3 + 100.0  # a large common offset must not hurt
-  assert distances.frechet_distance_from_features(f, f) < 1e-8 * np.trace(np.cov(f.T))
+  assert abs(distances.frechet_distance_from_features(f, f)) < 1e-8 * np.trace(np.cov(f.T))
+
+
+def test_fd_is_not_clamped_and_refuses_a_negative_value_beyond_round_off():
+  rng = np.random.default_rng(5)
+  # Rank-deficient (5 vectors in 64 dimensions): the self-distance comes out below 0 by round-off
+  # (clipped square roots of near-zero eigenvalues); it is returned as computed, inside the stated bound.
+  x = rng.standard_normal((5, 64)) * rng.uniform(0.1, 10, 64)
+  mu, cov = x.mean(0), np.cov(x.T)
+  fd = distances.frechet_distance(mu, cov, mu, cov)
+  tol = distances.frechet_rounding_bound(mu, cov, mu, cov)
+  eps = np.finfo(np.float64).eps
+  assert tol == pytest.approx(4 * 64 * np.sqrt(eps) * 2 * np.trace(cov) + 8 * 64 * eps * 2 * np.trace(cov))
+  assert -tol < fd < 0, (fd, tol)  # negative: so it was not clamped at 0
+  # Not PSD (one eigenvalue -5): FD = d + (d - 6) - 2 (d - 1) = -4 by the formula with the clip, far
+  # beyond round-off: refused with the value.
+  d = 8
+  bad = np.diag([1.0] * (d - 1) + [-5.0])
+  with pytest.raises(distances.NegativeDistance, match=r"Fréchet distance -4 is below 0 by more than float64 "
+                                                         r"round-off \(bound [0-9.e-]+\)"):
+    distances.frechet_distance(np.zeros(d), np.eye(d), np.zeros(d), bad)
 
 
 def test_fd_closed_form_for_two_gaussians():
@@ -63,6 +83,35 @@ def test_fd_from_samples_converges_to_closed_form():
 
 # ---------------------------------------------------------------------------
 # KID.
+
+def _mmd2_direct(x, y):
+  """Binkowski et al. 2018, eq. (2) with k(a, b) = (a.b / d + 1)^3: float64 loops over every pair."""
+  m, n, d = len(x), len(y), x.shape[1]
+
+  def k(a, b):
+    dot = 0.0
+    for t in range(d):
+      dot += float(a[t]) * float(b[t])
+    return (dot / d + 1.0) ** 3
+
+  sxx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+  syy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+  sxy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+  return sxx + syy - 2.0 * sxy
+
+
+def test_kid_cubic_kernel_matches_the_direct_formula():
+  rng = np.random.default_rng(4)
+  d = 5
+  x = rng.standard_normal((7, d)) * 3 + 1.0  # kernel values far from 1: the cube matters
+  y = rng.standard_normal((9, d)) * 2 - 0.5  # unequal sizes: 1/(m(m-1)) and 1/(n(n-1)) differ
+  want = _mmd2_direct(x, y)
+  assert abs(want) > 1.0
+  assert distances.mmd2_unbiased(x, y) == pytest.approx(want, rel=1e-12)
+  # KID with one subset as large as both (equal-size) sets is the plain estimate.
+  mean, std = distances.kid(x, y[:7], num_subsets=1, subset_size=100)
+  assert mean == pytest.approx(_mmd2_direct(x, y[:7]), rel=1e-12) and std == 0.0
+
 
 def test_kid_is_unbiased_on_small_sets():
   """Mean of many 10-vector estimates = the large-set value (0 for equal distributions)."""

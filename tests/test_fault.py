@@ -78,6 +78,12 @@ def test_nan_gradient_is_never_saved(data_dir, tmp_path):
   runner = train.make_runner(u)
   it = train.make_iterator(u)
   state = train.init_state(u)
+  # Nothing written yet: the message says there is no last good checkpoint (not "step None").
+  bad = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+  with pytest.raises(ckpt_lib.NonFiniteState, match=r"it was not saved.*no checkpoint has been written in this "
+                                                    r"directory yet\.$") as e:
+    ck.save(0, bad, {"data": it.state()})
+  assert "None" not in str(e.value)
   ck.save(0, state, {"data": it.state()})
   batch = next(it)
   batch["x"] = batch["x"].copy()
@@ -94,6 +100,35 @@ def test_nan_gradient_is_never_saved(data_dir, tmp_path):
   restored, _ = ck.restore(_abstract(u))
   assert int(restored.step) == 0
   ck.close()
+
+
+def test_checkpoint_without_checksums_is_refused_unless_allowed(data_dir, tmp_path):
+  """A meta without checksums (an older writer, or a replaced meta) is not restored unverified by default."""
+  import json
+  u = _setup(data_dir)
+  wd = str(tmp_path / "w")
+  ck = train.open_checkpointer(u, wd)
+  ck.save(3, train.init_state(u), {"step": 3})
+  ck.close()
+  meta_file = os.path.join(wd, "checkpoints", "3", "meta", "metadata")  # orbax JsonSave's file
+  meta = json.load(open(meta_file))
+  assert "checksums" in meta
+  del meta["checksums"]
+  json.dump(meta, open(meta_file, "w"))
+  ck = train.open_checkpointer(u, wd)
+  with pytest.raises(ckpt_lib.CheckpointUnverified,
+                     match=r"checkpoint .*/checkpoints/3 records no checksums in its meta .* cannot be verified\. "
+                           r"To restore it anyway, set --config\.train\.allow_unverified_restore=True$"):
+    ck.restore(_abstract(u))
+  ck.close()
+  u2 = _setup(data_dir, **{"train.allow_unverified_restore": True})
+  notes = []
+  ck = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), log=notes.append,
+                             allow_unverified=u2.s.train.allow_unverified_restore)
+  restored, meta = ck.restore(_abstract(u2))
+  ck.close()
+  assert int(restored.step) == 0 and meta["step"] == 3  # a fresh state saved under step 3
+  assert len(notes) == 1 and "has no checksums; restored unverified" in notes[0], notes
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from diffusax import checkpoint as ckpt_lib
 from diffusax.parallel import distributed
@@ -192,3 +193,47 @@ def test_replica_check_finds_a_copy_that_differs():
   n, bad = integrity.diverged_replicas(tree)
   assert n == 3  # "sharded" is not replicated, so not compared.
   assert bad == ["['b']"]
+
+
+def _boxed(shape, names):
+  import flax.linen as nn
+  return nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32), names)
+
+
+def test_sharding_rules_report_what_is_replicated_and_can_refuse():
+  mesh = mesh_lib.make_mesh((4, 2), jax.devices()[:8])
+  tree = {"a": _boxed((6, 8), ("embed", "mlp")),     # the largest dimension that divides by 2: 8 -> fsdp
+          "b": _boxed((3, 5), ("embed", "mlp")),     # asks for fsdp, nothing divides by 2: replicated, named
+          "n": _boxed((4,), ("norm",)),              # the rules replicate norms
+          "plain": jax.ShapeDtypeStruct((2,), np.float32)}  # no logical names
+  sh = mesh_lib.param_shardings(tree, mesh)
+  assert sh["a"].spec == P(None, "fsdp") and sh["b"].spec == P(None, None)
+  assert sh["n"].spec == P(None) and sh["plain"].spec == P()
+  places = {p.path: p for p in mesh_lib.placements(tree, mesh)}
+  assert places["['b']"].missed == ("fsdp",) and not places["['a']"].missed and not places["['n']"].missed
+  assert mesh_lib.sharding_summary(list(places.values()), mesh) == (
+      "parameter sharding on mesh {'data': 4, 'fsdp': 2}: 1 arrays sharded (192 B), 2 replicated by the rules "
+      "(24 B), 1 replicated because no dimension divides by the mesh axis their rules ask for (60 B): "
+      "['b'] (3, 5) over fsdp")
+  # Strict: every rule is required. A required rule refuses only what it asks for.
+  with pytest.raises(mesh_lib.ShardingError, match=r"parameter \['b'\] of shape \(3, 5\) \(logical axes "
+                                                   r"\('embed', 'mlp'\)\) must be sharded over mesh axis 'fsdp' of "
+                                                   r"size 2, but none of its dimensions \[1, 0\] divides by 2"):
+    mesh_lib.param_shardings(tree, mesh, strict=True)
+  must_mlp = tuple(r for r in mesh_lib.DEFAULT_RULES if r[0] != "mlp") + (("mlp", "fsdp", True),)
+  with pytest.raises(mesh_lib.ShardingError, match=r"parameter \['b'\] of shape \(3, 5\)"):
+    mesh_lib.param_shardings(tree, mesh, rules=must_mlp)
+  only_embed = {"c": _boxed((3, 4), ("embed", "conv_in"))}  # embed is not required: replicated, reported
+  assert mesh_lib.param_shardings(only_embed, mesh, rules=must_mlp)["c"].spec == P(None, None)
+  # fsdp = 1 asks for nothing: all replicated by the rules, none "missed".
+  one = mesh_lib.make_mesh((8, 1), jax.devices()[:8])
+  assert mesh_lib.sharding_summary(mesh_lib.placements(tree, one, strict=True), one).startswith(
+      "parameter sharding on mesh {'data': 8, 'fsdp': 1}: 0 arrays sharded (0 B), 4 replicated by the rules")
+
+
+def test_program_names_the_parameters_fsdp_cannot_split(data_dir):
+  # Hidden width 36 does not divide by fsdp = 8: the MLP's kernels and biases are replicated, and said so.
+  u = train.setup(settings_lib.parse(_config(data_dir, **{"mesh.shape": (1, 8), "model.kwargs.hidden": 36})))
+  line = u.sharding_summary
+  assert line.startswith("parameter sharding on mesh {'data': 1, 'fsdp': 8}: 0 arrays sharded (0 B), ")
+  assert "15 replicated because no dimension divides" in line and "['block_0_0']['kernel'] (36, 36) over fsdp" in line

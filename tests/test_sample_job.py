@@ -1,7 +1,6 @@
 """The sampling job: per-index samples, atomic shards, resume after SIGKILL with identical output."""
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -96,10 +95,33 @@ def test_shard_files_and_mismatched_job(toy_run, tmp_path):
     job_lib.prepare_dir(out, other)
 
 
-def _sample_args(data_dir, wd, out, n=1536):
+def _sample_args(data_dir, wd, out, n=96):
   return ["--config=configs/toy2d.py", f"--workdir={wd}", "--mode=sample", f"--config.data.data_dir={data_dir}",
           *TOY, "--config.sample.method=ddpm", "--config.sample.num_steps=40",
           f"--config.sample.num_samples={n}", "--config.sample.shard_size=8", f"--config.sample.output_dir={out}"]
+
+
+# The killed child: diffusax.main with the job's atomic_write patched so that, once shard K is written
+# (renamed into place), it writes READY and blocks. The test SIGKILLs it there: shards 0..K on disk on
+# every run, and the job cannot finish before the kill.
+_BLOCK_AFTER_SHARD = r"""
+import os, sys, time
+from diffusax import main
+from diffusax.sampling import job
+k, ready = int(sys.argv[1]), sys.argv[2]
+write = job.atomic_write
+
+def blocking_write(path, fn):
+  write(path, fn)
+  if path == job.shard_path(os.path.dirname(path), k):
+    open(ready, "w").close()
+    while True:
+      time.sleep(60)
+
+job.atomic_write = blocking_write
+sys.argv = ["diffusax.main", *sys.argv[3:]]
+main.run()
+"""
 
 
 def test_resume_after_sigkill_gives_identical_samples(toy_run, tmp_path):
@@ -109,26 +131,30 @@ def test_resume_after_sigkill_gives_identical_samples(toy_run, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "samples/s" in r.stdout and "ETA" in r.stdout
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  p = subprocess.Popen([sys.executable, "-m", "diffusax.main", *_sample_args(data_dir, wd, cut)], cwd=ROOT,
-                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  # Kill at a random point of the job's progress: once a random number (1..10) of its 192 shards
-  # are visible, wherever the job then is (mid-sampling, mid-write or between shards).
-  k = random.Random(os.getpid()).randint(1, 10)
-  deadline = time.time() + 300
-  while time.time() < deadline and len(job_lib.done_shards(cut)) < k and p.poll() is None:
-    time.sleep(0.005)
-  p.send_signal(signal.SIGKILL)
-  p.wait()
-  n_done = len(job_lib.done_shards(cut))
-  assert k <= n_done < 192, f"killed with {n_done} of 192 shards written (aimed at {k}); adjust the job size"
+  ready = str(tmp_path / "ready")
+  p = subprocess.Popen([sys.executable, "-c", _BLOCK_AFTER_SHARD, "4", ready, *_sample_args(data_dir, wd, cut)],
+                       cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while not os.path.exists(ready):
+      assert p.poll() is None, f"the sampling job exited ({p.returncode}) before writing shard 4"
+      assert time.time() < deadline, "the sampling job did not write shard 4 in 300 s"
+      time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  finally:
+    if p.poll() is None:
+      p.kill()
+  assert p.returncode == -signal.SIGKILL
+  assert job_lib.done_shards(cut) == set(range(5))  # of 12
   for f in os.listdir(cut):  # Every visible shard is complete.
     if f.startswith("shard_"):
       assert len(np.load(os.path.join(cut, f))["samples"]) == 8
   r = _main(_sample_args(data_dir, wd, cut))
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "resuming:" in r.stdout
+  assert "resuming: 5/12 shards (40 samples) already in" in r.stdout, r.stdout
   assert job_lib.digest(cut) == job_lib.digest(ref)
-  assert len(job_lib.load(cut)["samples"]) == 1536
+  assert len(job_lib.load(cut)["samples"]) == 96
 
 
 def test_sample_mode_errors_are_one_line(toy_run, tmp_path):

@@ -1,7 +1,6 @@
 """The training program: config errors, end-to-end runs of main, resume, compile counts."""
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -160,12 +159,7 @@ def _main(args, **kw):
                         env=env, cwd=ROOT, timeout=600, **kw)
 
 
-def test_misspelt_override_is_one_clean_line(tmp_path):
-  r = _main(["--config=configs/toy2d.py", f"--workdir={tmp_path}", "--config.train.batchsize=3"])
-  assert r.returncode == 2
-  err = [l for l in r.stderr.splitlines() if l.strip()]
-  assert "Traceback" not in r.stderr, r.stderr
-  assert len(err) == 1 and "batchsize" in err[0] and "batch_size" in err[0], r.stderr
+# The misspelt override's one-line error: tests/test_cli_errors.py (one forked process per case).
 
 
 def _toy_args(data_dir, wd, steps, extra=()):
@@ -180,28 +174,62 @@ def _restore_state(wd, step):
   return ocp.StandardCheckpointer().restore(os.path.join(wd, "checkpoints", str(step), "state"))
 
 
+# The killed child: diffusax.main with Checkpointer.save patched so that the save of step AT first waits
+# for the earlier (async) checkpoints to be committed, then writes READY and blocks. The test SIGKILLs it
+# there: the same point on every run (checkpoints 20 and 40 on disk, steps 41-60 done and lost), and the
+# job cannot finish before the kill.
+_BLOCK_AT_SAVE = r"""
+import sys, time
+from diffusax import checkpoint, main
+at, ready = int(sys.argv[1]), sys.argv[2]
+save = checkpoint.Checkpointer.save
+
+def blocking_save(self, step, state, meta):
+  if int(step) == at:
+    self.wait()
+    open(ready, "w").close()
+    while True:
+      time.sleep(60)
+  return save(self, step, state, meta)
+
+checkpoint.Checkpointer.save = blocking_save
+sys.argv = ["diffusax.main", *sys.argv[3:]]
+main.run()
+"""
+
+
+def _kill_when_ready(p, ready: str, what: str, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while not os.path.exists(ready):
+    assert p.poll() is None, f"the child exited ({p.returncode}) before reaching {what}"
+    assert time.time() < deadline, f"the child did not reach {what} in {timeout} s"
+    time.sleep(0.02)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert p.returncode == -signal.SIGKILL
+
+
 def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
-  steps = 300
+  steps = 80
   extra = ["--config.train.ckpt_every=20"]
   ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
   r = _main(_toy_args(data_dir, ref, steps, extra))
   assert r.returncode == 0, r.stderr[-2000:]
-  # Run again, SIGKILL it at a random moment after its first checkpoint, then restart it.
+  # Run again, SIGKILL it when it is about to save step 60 (see _BLOCK_AT_SAVE), then restart it.
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  p = subprocess.Popen([sys.executable, "-m", "diffusax.main", *_toy_args(data_dir, cut, steps, extra)],
+  ready = str(tmp_path / "ready")
+  p = subprocess.Popen([sys.executable, "-c", _BLOCK_AT_SAVE, "60", ready, *_toy_args(data_dir, cut, steps, extra)],
                        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    _kill_when_ready(p, ready, "the save of step 60")
+  finally:
+    if p.poll() is None:
+      p.kill()
   ck = os.path.join(cut, "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and not (os.path.isdir(ck) and any(d.isdigit() for d in os.listdir(ck))):
-    time.sleep(0.05)
-  time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))
-  p.send_signal(signal.SIGKILL)
-  p.wait()
-  killed_at = max(int(d) for d in os.listdir(ck) if d.isdigit())
-  assert killed_at < steps, "the run finished before it could be killed; make it longer"
+  assert sorted(int(d) for d in os.listdir(ck) if d.isdigit()) == [20, 40]
   r = _main(_toy_args(data_dir, cut, steps, extra))
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "resumed from step" in r.stdout
+  assert "resumed from step 40" in r.stdout
   a, b = _restore_state(ref, steps), _restore_state(cut, steps)
   import jax
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
@@ -210,7 +238,7 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   ha = {h["step"]: h for h in json.load(open(os.path.join(ref, "metrics.json")))["history"]}
   hb = {h["step"]: h for h in json.load(open(os.path.join(cut, "metrics.json")))["history"]}
-  assert hb and set(hb) <= set(ha)
+  assert sorted(hb) == [50, 60, 70, 80]  # the resumed run's log steps: the redone 41-60 and the rest
   for s, h in hb.items():
     assert (h["loss"], h["grad_norm"], h["lr"]) == (ha[s]["loss"], ha[s]["grad_norm"], ha[s]["lr"])
 

@@ -16,7 +16,9 @@ Safety (see parallel/integrity.py for the checksum):
   * restore: the restored arrays are checksummed again and compared with `meta`;
     a mismatch, or an unreadable checkpoint, raises `CheckpointCorrupted` naming
     it, or with `fallback=True` moves it aside to `<step>.corrupt` and tries the
-    next older one.
+    next older one. A checkpoint whose meta records no checksums is refused
+    (`CheckpointUnverified`) unless the Checkpointer allows unverified restores
+    (config key train.allow_unverified_restore).
   * a save that fails (disk full, read-only, permissions) raises
     `CheckpointSaveError` naming the step, the cause and the last good step. An
     async save's error surfaces at the next save or wait; orbax writes into a
@@ -48,6 +50,10 @@ class CheckpointMismatch(CheckpointError, ValueError):
 
 class CheckpointCorrupted(CheckpointError):
   """The checkpoint's arrays do not match the checksums recorded when it was saved, or cannot be read."""
+
+
+class CheckpointUnverified(CheckpointError):
+  """The checkpoint records no checksums, and restoring unverified was not allowed."""
 
 
 class CheckpointSaveError(CheckpointError):
@@ -82,11 +88,14 @@ class Checkpointer:
   """Saves and restores (TrainState, meta) under `directory`, keeping the last `keep`.
 
   `log` receives one-line notices (e.g. a corrupted checkpoint skipped with fallback).
+  `allow_unverified`: restore a checkpoint whose meta records no checksums (with a
+  warning) instead of refusing it with `CheckpointUnverified`.
   """
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
-               replicated_sharding=None, log: Callable[[str], None] = print):
+               replicated_sharding=None, log: Callable[[str], None] = print, allow_unverified: bool = False):
     self.directory = os.path.abspath(directory)
+    self.allow_unverified = allow_unverified
     # Step folders are created synchronously: a failure to create one (read-only disk) then raises in
     # save() itself, instead of leaving orbax's commit thread waiting minutes for a folder that never comes.
     opts = ocp.CheckpointManagerOptions(
@@ -126,7 +135,8 @@ class Checkpointer:
       raise NonFiniteState(f"the state at step {step} has non-finite values (first in {bad[0]}"
                            + (f", and {len(bad) - 1} more arrays" if len(bad) > 1 else "")
                            + "); it was not saved. Lower the learning rate or check the data; "
-                           f"the last good checkpoint is step {self._last_good}.")
+                           + (f"the last good checkpoint is step {self._last_good}." if self._last_good is not None
+                              else "no checkpoint has been written in this directory yet."))
     meta = {**meta, "checksums": checks, "checksum_method": integrity.METHOD}
     try:
       self.manager.save(step, args=ocp.args.Composite(
@@ -187,15 +197,20 @@ class Checkpointer:
         raise CheckpointMismatch(
             f"checkpoint {self.directory} step {step} was written by a different model:\n  "
             + "\n  ".join(diff) + "\nUse a new --workdir for this model, or the config that wrote it.")
+    recorded = meta.get("checksums")
+    if recorded is None and not self.allow_unverified:  # Refused before any array is read.
+      raise CheckpointUnverified(
+          f"{where} records no checksums in its meta (written by a diffusax from before checksums, or its "
+          "meta was replaced), so its arrays cannot be verified. To restore it anyway, set "
+          "--config.train.allow_unverified_restore=True")
     try:
       out = self.manager.restore(int(step),
                                  args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     except Exception as e:  # noqa: BLE001 - a damaged file fails deep inside tensorstore.
       raise CheckpointCorrupted(f"{where} is unreadable: {_one_line(e)}") from None
     state = out["state"]
-    recorded = meta.get("checksums")
     if recorded is None:
-      self._log(f"warning: {where} has no checksums (written before they were recorded); not verified")
+      self._log(f"warning: {where} has no checksums; restored unverified (train.allow_unverified_restore)")
       return state, meta
     checks, _ = self.audit(state)
     bad = [p for p in checks if recorded.get(p) != checks[p]]

@@ -9,8 +9,11 @@ exit status 2, before any device work.
 from __future__ import annotations
 
 import os
+import re
 import sys
+import traceback
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -31,14 +34,117 @@ def _error(msg: str, code: int = 2):
   sys.exit(code)
 
 
+def _config_path(argv) -> str | None:
+  """The value of --config in argv (the file part, before any ':' argument)."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1].split(":", 1)[0]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
+
+
+def _reason(e: BaseException) -> str:
+  """The last line of an error message, without an '[Errno N] ' prefix."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  last = lines[-1].replace("Configuration is not available because of an earlier failure to load: ", "") \
+      if lines else type(e).__name__
+  return re.sub(r"^\[Errno \d+\] ", "", last)
+
+
+def _line_in(e: BaseException, path: str) -> int | None:
+  """The line of `path` (the config file) where `e` was raised, if it was raised there."""
+  want = os.path.realpath(path)
+  if isinstance(e, SyntaxError) and e.filename and os.path.realpath(e.filename) == want:
+    return e.lineno
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.realpath(f.filename) == want]
+  return frames[-1].lineno if frames else None
+
+
+def _override_error(e: BaseException, argv) -> str:
+  """ml_collections reports an unknown override key as AttributeError(KeyError("'key'\\nDid you mean
+  \"near\" instead of \"key\"?")) or KeyError(...): say it as a sentence, naming the flag."""
+  inner = e.args[0] if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError) else e
+  text = str(inner.args[0]) if isinstance(inner, KeyError) and inner.args else str(inner)
+  m = re.match(r"'([^']+)'", text)
+  leaf = re.match(r"Attribute <class '(\w+)'>\.(\w+) does not exist.*lookup: ([\w.]+)", text)
+  if leaf:  # e.g. --config.seed.x=3: a key under a value that is not a ConfigDict.
+    kind, key, path = leaf.groups()
+    flag = next((a for a in argv if a.startswith(f"--config.{path}")), f"--config.{path}")
+    return f"bad override {flag}: config.{path[:-len(key) - 1]} holds a value of type {kind}; it has no key {key!r}"
+  if not m:
+    return f"bad --config override: {' '.join(text.split())}"
+  key = m.group(1)
+  flag, where = None, "config"
+  for a in argv:
+    path = a[len("--config."):].split("=", 1)[0] if a.startswith("--config.") else ""
+    parts = path.split(".")
+    if key in parts:
+      flag, where = a, ".".join(["config"] + parts[:parts.index(key)])
+      break
+  near = re.search(r'Did you mean "([^"]+)"', text)
+  return (f"bad override {flag or '--config...'}: {where} has no key {key!r}"
+          + (f"; did you mean {near.group(1)!r}?" if near else ""))
+
+
+def _not_the_none_config_warning(record) -> bool:
+  """ml_collections logs a warning for a get_config() that returns None; the one-line error says it."""
+  return "get_config() returned None" not in record.getMessage()
+
+
 def _parse_flags(argv):
+  path = _config_path(argv[1:])
+  logging.get_absl_logger().addFilter(_not_the_none_config_warning)
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
   except flags.Error as e:
-    _error(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    msg = " ".join(str(e).split())
-    _error(f"bad --config override: {msg}")
+    text = str(e)
+    if "Error whilst parsing config file" in text:  # ml_collections wraps a TypeError/ValueError of the file.
+      lines = re.findall(r'File "([^"]+)", line (\d+)', text)
+      line = next((int(n) for f, n in reversed(lines) if path and os.path.realpath(f) == os.path.realpath(path)),
+                  None)
+      _error(f"error in config file {path}" + (f", line {line}" if line else "") + f": {_reason(e)}")
+    _error(_reason(e) if text.strip() else repr(e))
+  except OSError as e:  # An override applied to a config file that could not be loaded.
+    _error(f"cannot load --config={path}: {_reason(e)}")
+  except (AttributeError, KeyError) as e:
+    line = _line_in(e, path) if path else None
+    if line is not None:
+      _error(f"error in config file {path}, line {line}: {type(e).__name__}: {e}")
+    _error(_override_error(e, argv))
+  except Exception as e:  # noqa: BLE001 - only errors raised inside the config file are reported here.
+    line = _line_in(e, path) if path else None
+    if line is None:
+      raise
+    _error(f"error in config file {path}, line {line}: {type(e).__name__}: {e}")
+  value = FLAGS["config"].value
+  if value is None and path:
+    _error(f"--config={path}: get_config() returned None (a missing return?)")
+  if value is not None and not isinstance(value, ml_collections.ConfigDict):
+    try:
+      value.lock  # ml_collections defers the OSError of an unloadable file to the first access.
+    except OSError as e:
+      _error(f"cannot load --config={path}: {_reason(e)}")
+    _error(f"--config={path}: get_config() returned {type(value).__name__}, not a ConfigDict")
+  return rest
+
+
+def _check_workdir(workdir: str) -> None:
+  """Refuses a --workdir that is a file or cannot be created (under a file, or without permission)."""
+  if "://" in workdir:
+    return  # A remote path: its own library reports what is wrong.
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      _error(f"--workdir={workdir} is a file, not a directory")
+    return
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    _error(f"--workdir={workdir} cannot be created: {parent} is a file, not a directory")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    _error(f"--workdir={workdir} cannot be created: no permission to write in {parent}")
 
 
 def _apply_runtime(config) -> None:
@@ -68,6 +174,7 @@ def main(argv) -> None:
     _error("--config is required, e.g. --config=configs/digits.py")
   if not FLAGS.workdir:
     _error("--workdir is required")
+  _check_workdir(FLAGS.workdir)
   config = FLAGS.config
   from diffusax.programs import settings as settings_lib
   try:

@@ -74,10 +74,17 @@ class CachedSource(ArraySource):
 
 
 def open_source(name: str, split: str, data_dir: str, *, cache_max_examples: int = 200_000):
-  """Opens dataset `name`/`split` from `data_dir`. Raises DataError with what to do."""
+  """Opens dataset `name`/`split` from `data_dir`. Raises DataError with what to do.
+
+  DataError says which of these it is: an unknown name (with the nearest
+  registered ones), a name TFDS cannot construct (a bad version or config, with
+  TFDS' reason), a dataset not prepared in data_dir, a data_dir that is a file,
+  or a missing split. Any other failure propagates unchanged, with its cause.
+  """
   data_dir = os.path.expanduser(data_dir)
   if name == "toy_gmm2d":
     return toy_gmm2d(seed={"train": 0, "test": 1}.get(split, 2))
+  _check_data_dir(data_dir)
   if name == "sklearn_digits":
     from diffusax.data import digits
     builder = digits.prepare(data_dir)
@@ -85,9 +92,19 @@ def open_source(name: str, split: str, data_dir: str, *, cache_max_examples: int
     import tensorflow_datasets as tfds
     try:
       builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # TFDS raises DatasetNotFoundError and friends.
-      raise DataError(f"unknown dataset {name!r}: TFDS says {type(e).__name__}: {str(e).splitlines()[0]}. "
-                      f"Embedded datasets: {list(EMBEDDED)}") from None
+    except tfds.core.registered.DatasetNotFoundError:
+      import difflib
+      near = difflib.get_close_matches(name.split(":")[0].split("/")[0], list(EMBEDDED) + tfds.list_builders(with_community_datasets=False),
+                                       n=3, cutoff=0.6)
+      raise DataError(f"unknown dataset {name!r}" + (f"; did you mean {near}?" if near else "")
+                      + f" (embedded: {list(EMBEDDED)}; others are looked up in TFDS' registry)") from None
+    except (AssertionError, ValueError) as e:  # TFDS: "Failed to construct dataset ...: <reason>".
+      text = " ".join(str(e).split())
+      if not text.startswith("Failed to construct dataset"):
+        raise
+      reason = text.split('}": ', 1)[-1]
+      raise DataError(f"TFDS cannot construct dataset {name!r}: "
+                      + (reason if len(reason) <= 400 else reason[:400] + " ...")) from None
     if not builder.is_prepared():
       raise DataError(
           f"dataset {name!r} is not prepared in {data_dir}. Prepare it once (needs network, and TensorFlow "
@@ -100,6 +117,17 @@ def open_source(name: str, split: str, data_dir: str, *, cache_max_examples: int
   if len(source) <= cache_max_examples:
     source = CachedSource(source)
   return source
+
+
+def _check_data_dir(data_dir: str) -> None:
+  """Refuses a data_dir that is, or lies under, a regular file (TFDS would call it 'not prepared')."""
+  if "://" in data_dir:
+    return
+  path = os.path.abspath(data_dir)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise DataError(f"data_dir {data_dir} cannot be used: {path} is a file, not a directory")
 
 
 def num_classes(name: str, data_dir: str) -> int | None:

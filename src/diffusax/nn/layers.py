@@ -4,8 +4,9 @@ multi-head self-attention, every parameter tagged with logical axis names.
 Parameters are created through `nn.with_logical_partitioning`, so `init`
 returns `nn.LogicallyPartitioned` boxes. `apply` accepts boxed or plain
 variables (Linen unboxes on read); `unbox` strips the boxes and
-`logical_spec` returns the tree of logical `PartitionSpec`s that sharding rules
-(`nn.logical_to_mesh_sharding`) map onto a mesh.
+`logical_spec` returns the tree of logical `PartitionSpec`s. The rules of
+`diffusax.parallel.mesh` (`DEFAULT_RULES`, `param_shardings`) map these names
+onto the (data, fsdp) mesh.
 
 Logical axis names (`LOGICAL_AXES`):
   embed     feature/channel dim of dense and attention inputs and outputs

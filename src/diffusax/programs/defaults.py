@@ -65,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 4           # Held-out batches in the eval loss.
   c.train.ckpt_fallback = False      # If the latest checkpoint fails its checksums, resume from the newest
                                      # one that verifies (the bad one is renamed <step>.corrupt); else stop.
+  c.train.allow_unverified_restore = False  # Restore a checkpoint whose meta records no checksums (its
+                                     # arrays cannot be verified; a warning is logged); else it is refused.
 
   c.sample = ml_collections.ConfigDict()
   c.sample.method = "dpm_solver_pp_2m"  # core.samplers.METHODS name.

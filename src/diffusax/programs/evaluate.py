@@ -210,7 +210,7 @@ class Evaluator:
 def _real_images(s: Settings, split: str, limit: int | None = None) -> np.ndarray:
   try:
     src = pipeline.open_source(s.data.name, split, s.data.data_dir)
-  except (pipeline.DataError, ValueError) as e:
+  except pipeline.DataError as e:  # Other failures keep their own type and traceback.
     raise ConfigError(f"eval: {e}") from None
   n = len(src) if limit is None else min(limit, len(src))
   batch = pipeline.read(src, np.arange(n))

@@ -71,6 +71,7 @@ class TrainSettings:
   eval_batches: int
   ckpt_fallback: bool
   full_eval: bool = False
+  allow_unverified_restore: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +192,8 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       keep_checkpoints=_positive("train.keep_checkpoints", c.train.keep_checkpoints),
       async_checkpoints=bool(c.train.async_checkpoints),
       eval_batches=_positive("train.eval_batches", c.train.eval_batches, allow_zero=True),
-      ckpt_fallback=bool(c.train.ckpt_fallback), full_eval=bool(c.train.full_eval))
+      ckpt_fallback=bool(c.train.ckpt_fallback), full_eval=bool(c.train.full_eval),
+      allow_unverified_restore=bool(c.train.allow_unverified_restore))
   if c.mesh.strategy not in MESH_STRATEGIES:
     raise ConfigError(f"unknown mesh.strategy {c.mesh.strategy!r}; allowed: {list(MESH_STRATEGIES)}")
   if c.mesh.strategy == "pmap" and len(c.mesh.shape) == 2 and tuple(c.mesh.shape)[1] != 1:

@@ -68,6 +68,7 @@ class Setup:
   abstract_state: Any
   state_shardings: Any
   signature: dict
+  sharding_summary: str = ""  # One line: which parameters are sharded and which replicated (logged once).
 
 
 def build_module(s: Settings, num_classes: int | None):
@@ -100,7 +101,7 @@ def setup(s: Settings, devices=None) -> Setup:
   try:
     source = pipeline.open_source(s.data.name, s.data.split, s.data.data_dir)
     num_classes = pipeline.num_classes(s.data.name, s.data.data_dir)
-  except (pipeline.DataError, ValueError) as e:
+  except pipeline.DataError as e:  # Other failures keep their own type and traceback.
     raise ConfigError(f"data: {e}") from None
   s = settings_lib.with_null_class(s, num_classes)
   settings_lib.time_sampler_check(s)
@@ -129,6 +130,7 @@ def setup(s: Settings, devices=None) -> Setup:
   except ValueError as e:  # The network refuses the shape (e.g. size not divisible by its downsamplings).
     raise ConfigError(f"model {s.model_name!r} cannot take data of shape {sample_shape}: {e}") from None
   param_sh = mesh_lib.param_shardings(boxed, mesh)
+  sharding_summary = mesh_lib.sharding_summary(mesh_lib.placements(boxed, mesh), mesh)
   tx, lr_fn = optim_lib.make(s.optim)
   abstract_params = mesh_lib.unbox(boxed)
   abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, s.seed, len(s.ema_decays)), abstract_params)
@@ -136,7 +138,7 @@ def setup(s: Settings, devices=None) -> Setup:
   signature = ckpt_lib.model_signature(abstract_params, s.model_settings())
   return Setup(s=s, mesh=mesh, module=module, schedule=schedule, source=source, num_classes=num_classes,
                sample_shape=sample_shape, tx=tx, lr_fn=lr_fn, abstract_state=abstract_state,
-               state_shardings=shardings, signature=signature)
+               state_shardings=shardings, signature=signature, sharding_summary=sharding_summary)
 
 
 def init_state(u: Setup):
@@ -262,7 +264,8 @@ def open_checkpointer(u: Setup, workdir: str, logger: Logger | None = None) -> c
   return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
                                async_save=s.train.async_checkpoints,
                                replicated_sharding=mesh_lib.replicated(u.mesh),
-                               log=logger.info if logger is not None else print)
+                               log=logger.info if logger is not None else print,
+                               allow_unverified=s.train.allow_unverified_restore)
 
 
 def train_and_evaluate(s: Settings, workdir: str, devices=None) -> dict:
@@ -280,6 +283,7 @@ def train_and_evaluate(s: Settings, workdir: str, devices=None) -> dict:
     evaluator = evaluate.Evaluator(u)  # Compiles on first use, then serves every eval interval.
   os.makedirs(workdir, exist_ok=True)
   logger = Logger(workdir, enabled=jax.process_index() == 0)
+  logger.info(u.sharding_summary)
   ckpt = None
   try:
     ckpt = open_checkpointer(u, workdir, logger)
@@ -324,7 +328,7 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
   if s.data.eval_split:
     try:
       eval_source = pipeline.open_source(s.data.name, s.data.eval_split, s.data.data_dir)
-    except (pipeline.DataError, ValueError) as e:
+    except pipeline.DataError as e:  # Other failures keep their own type and traceback.
       raise ConfigError(f"data.eval_split: {e}") from None
   gen = make_generator(u)
 
