@@ -51,7 +51,7 @@ def worker(args) -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from diffusax.programs import sample as sample_prog
+  from diffusax.programs import setup as setup_lib
   from diffusax.programs import train
   from diffusax.sampling import job as job_lib
 
@@ -84,7 +84,7 @@ def worker(args) -> None:
   labels = np.repeat(np.arange(u.num_classes), s.sample.per_class).astype(np.int32)
   key = jax.random.key(0)
   twice("sample_grid", lambda: gen(params, np.arange(len(labels)), labels, jnp.float32(1.0), key))
-  spec = sample_prog.job_spec(u, step=0)
+  spec = setup_lib.job_spec(u, step=0)
   fn = jax.jit(job_lib.make_sample_fn(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class))
   idx = np.arange(spec.shard_size, dtype=np.uint32)
   twice("sample_job", lambda: fn(params, idx, job_lib.labels_for(spec, idx), jnp.float32(1.0)))
