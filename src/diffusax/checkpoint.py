@@ -225,7 +225,10 @@ class Checkpointer:
     path, list levels (tuples are saved as lists) keep their length with every
     other entry a placeholder that is not read.
     """
-    saved = self.manager.item_metadata(step)["state"]
+    from etils import epath
+    path = epath.Path(self.directory) / str(step) / "state"
+    reader = ocp.PyTreeCheckpointHandler()  # On the item's folder: the manager's handler registry is not involved.
+    saved = reader.metadata(path)
     saved = getattr(saved, "tree", saved)
     skip = lambda tree: jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)  # noqa: E731
 
@@ -243,7 +246,7 @@ class Checkpointer:
       raise KeyError(f"the saved state has no part {_part_keystr(part)!r}") from None
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
-    node = self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    node = reader.restore(path, args=args)
     for key in part:
       node = node[key]
     return node
