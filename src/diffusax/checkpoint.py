@@ -232,10 +232,10 @@ class Checkpointer:
     saved = getattr(saved, "tree", saved)
     skip = lambda tree: jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)  # noqa: E731
 
-    def target(node, path):
-      if not path:
+    def target(node, keys):
+      if not keys:
         return abstract
-      key, rest = path[0], path[1:]
+      key, rest = keys[0], keys[1:]
       if isinstance(node, (list, tuple)):
         return [target(v, rest) if i == key else skip(v) for i, v in enumerate(node)]
       return {key: target(node[key], rest)}

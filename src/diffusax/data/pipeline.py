@@ -1,8 +1,9 @@
 """Data sources and an exact, checkpointable batch iterator.
 
-Sources are random-access sequences of example dicts (`len`, `__getitems__`):
-TFDS array_record sources read without TensorFlow, the embedded digits, and
-generated toy sets. `BatchIterator` walks a source epoch by epoch in an order
+Sources are random-access sequences of example dicts (`len`, `__getitems__`,
+data/sources.py): TFDS array_record sources read without TensorFlow and the
+embedded datasets of data/registry.py (the digits, a generated toy set).
+`TRANSFORMS` holds the batch transforms a registry entry names. `BatchIterator` walks a source epoch by epoch in an order
 drawn from (seed, epoch) alone, gives each process its slice of every global
 batch, and has a two-integer state (epoch, batch index) that is saved with each
 checkpoint, so a resumed run sees exactly the batches an uninterrupted one

@@ -58,6 +58,7 @@ class ModelSetup:
   abstract_params: Any      # ShapeDtypeStructs of the (unboxed) parameters.
   param_shardings: Any
   signature: dict
+  param_init: Any = None    # Jitted key -> boxed parameters (`make_param_init`); traced once per set-up.
 
 
 def build_module(s: Settings, num_classes: int | None):
@@ -75,8 +76,25 @@ def build_module(s: Settings, num_classes: int | None):
     raise ConfigError(f"model.{s.model_name}: {e}") from None
 
 
-def abstract_init(s: Settings, module, sample_shape: tuple):
-  """Boxed abstract parameters of `module` on a batch of 2 examples of `sample_shape` (shapes only).
+def make_param_init(s: Settings, module, sample_shape: tuple):
+  """Jitted `key -> boxed params` of `module`, initialised on a batch of 2 zero examples of `sample_shape`
+  (t = 0.5, labels 0). One function object per set-up: its `eval_shape` (the abstract parameters) and
+  the state init that calls it share one trace of the network (jax caches the trace by function and
+  argument types), instead of tracing the forward pass twice."""
+  b = 2
+  x_shape, cond = (b,) + tuple(sample_shape), s.class_conditional
+
+  def param_init(k):
+    x = jnp.zeros(x_shape, jnp.float32)
+    t = jnp.full((b,), 0.5, jnp.float32)
+    y = jnp.zeros((b,), jnp.int32) if cond else None
+    return module.init({"params": k, "dropout": k}, x, t, y, train=False)["params"]
+
+  return jax.jit(param_init)
+
+
+def abstract_init(s: Settings, module, sample_shape: tuple, param_init=None):
+  """Boxed abstract parameters of `module` on examples of `sample_shape` (shapes only).
 
   Only the network's own refusals become ConfigErrors: `nn.InputShapeError`
   (it cannot take data of this shape) and `nn.OptionError` (its options
@@ -84,13 +102,9 @@ def abstract_init(s: Settings, module, sample_shape: tuple):
   and propagates as it is.
   """
   from diffusax import nn
-  b = 2
-  x = jax.ShapeDtypeStruct((b,) + tuple(sample_shape), jnp.float32)
-  t = jax.ShapeDtypeStruct((b,), jnp.float32)
-  y = jax.ShapeDtypeStruct((b,), jnp.int32) if s.class_conditional else None
+  param_init = param_init or make_param_init(s, module, sample_shape)
   try:
-    return jax.eval_shape(lambda k, x, t, y: module.init({"params": k, "dropout": k}, x, t, y, train=False),
-                          jax.random.key(0), x, t, y)["params"]
+    return param_init.eval_shape(jax.random.key(0))
   except nn.InputShapeError as e:
     raise ConfigError(f"model {s.model_name!r} cannot take data of shape {tuple(sample_shape)}: {e}") from None
   except nn.OptionError as e:
@@ -118,12 +132,13 @@ def model_setup(s: Settings, devices=None, data: registry.Description | None = N
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
   module = build_module(s, data.num_classes)
-  boxed = abstract_init(s, module, data.shape)
+  param_init = make_param_init(s, module, data.shape)
+  boxed = abstract_init(s, module, data.shape, param_init)
   abstract_params = mesh_lib.unbox(boxed)
   return ModelSetup(s=s, mesh=mesh, module=module, schedule=s.schedule, data=data, num_classes=data.num_classes,
                     sample_shape=tuple(data.shape), abstract_params=abstract_params,
                     param_shardings=mesh_lib.param_shardings(boxed, mesh),
-                    signature=ckpt_lib.model_signature(abstract_params, s.model_settings()))
+                    signature=ckpt_lib.model_signature(abstract_params, s.model_settings()), param_init=param_init)
 
 
 def open_checkpointer(u: ModelSetup, workdir: str, logger: Logger | None = None) -> ckpt_lib.Checkpointer:

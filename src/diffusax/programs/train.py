@@ -1,9 +1,12 @@
 """The training program: `train_and_evaluate(settings, workdir)`.
 
-Set-up order: validate settings and data, build the mesh, evaluate the network
-init abstractly (shapes only) to get parameter shardings, then either restore
-the latest checkpoint in the workdir onto those shardings or initialise under
-`jit` with them as out_shardings. The train step is jitted once with the state
+Set-up order: open the training split, then the shared model set-up
+(`programs.setup.model_setup`: dataset description, mesh, the network init
+evaluated abstractly for parameter shardings), then what training adds
+(optimizer, abstract TrainState and its shardings); then either restore the
+latest checkpoint in the workdir onto those shardings or initialise under
+`jit` with them as out_shardings. The full evaluation (train.full_eval) is
+handed in by the caller (`evaluator=`); this module imports no other program. The train step is jitted once with the state
 donated. The loop syncs with the host only at log, eval and checkpoint steps.
 
 Strategies (`mesh.strategy`): "mesh" jits the step over the (data, fsdp) mesh
@@ -50,7 +53,7 @@ class Setup(ModelSetup):
   """The model set-up plus what training adds: the training split, the optimizer, the state's shardings.
 
   `traces` counts the tracings of the jitted functions built from it ("init",
-  "train_step", "eval_loss"); `init_fn` is the jitted state init, built once.
+  "train_step", "eval_loss"); `init_fn` is the state init, compiled once on first use.
   """
   source: Any = None
   tx: Any = None
@@ -92,7 +95,7 @@ def setup(s: Settings, devices=None, traces: TraceCounts | None = None) -> Setup
 
 def for_training(m: ModelSetup, source, traces: TraceCounts | None = None) -> Setup:
   """The training set-up on a model set-up: optimizer, abstract TrainState and its shardings, and the
-  jitted state init (built once; the persistent compilation cache serves it to later processes)."""
+  state init (compiled once; the persistent compilation cache serves it to later processes)."""
   s = m.s
   settings_lib.time_sampler_check(s)
   if s.mesh_strategy == "pmap" and jax.process_count() > 1:
@@ -105,27 +108,43 @@ def for_training(m: ModelSetup, source, traces: TraceCounts | None = None) -> Se
   fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelSetup)}
   return Setup(**fields, source=source, tx=tx, lr_fn=lr_fn, abstract_state=abstract_state,
                state_shardings=shardings, traces=traces,
-               init_fn=jax.jit(traces.wrap("init", _make_init(m, tx)), out_shardings=shardings))
+               init_fn=_make_init(m, tx, shardings, traces))
 
 
-def _make_init(m: ModelSetup, tx):
-  """seed key -> a fresh TrainState (parameters drawn from fold_in(key(seed), 0x1A17))."""
-  s, module = m.s, m.module
-  b = 2
-  x = jnp.zeros((b,) + m.sample_shape, jnp.float32)
-  t = jnp.full((b,), 0.5, jnp.float32)
-  y = jnp.zeros((b,), jnp.int32) if s.class_conditional else None
+# XLA options of the one-off state init. Its program is hundreds of small RNG fusions (one per
+# parameter initializer; the forward pass is dead code), and optimising them dominated start-up:
+# digits measured 8 s at the default level against ~1.5 s at level 0 (benchmarks/compile_time.py).
+# It runs once per run, so its speed does not matter. The RNG bits are integer arithmetic and the
+# same; a float transform may round differently (digits: 1 ulp in 2 of 840 arrays against the
+# default level), so fresh runs start from that slightly different, still fixed, init.
+INIT_COMPILER_OPTIONS = (("xla_backend_optimization_level", 0), ("xla_llvm_disable_expensive_passes", True))
+
+
+def _make_init(m: ModelSetup, tx, shardings, traces: TraceCounts):
+  """Lazily compiled `seed key -> fresh TrainState` on `shardings` (params from fold_in(key, 0x1A17)).
+
+  Calls the set-up's `param_init` (its trace is reused, not redone) and compiles with
+  INIT_COMPILER_OPTIONS on the first call; later calls reuse the executable.
+  """
+  s = m.s
 
   def init(seed_key):
-    k = jax.random.fold_in(seed_key, 0x1A17)
-    params = mesh_lib.unbox(module.init({"params": k, "dropout": k}, x, t, y, train=False)["params"])
+    params = mesh_lib.unbox(m.param_init(jax.random.fold_in(seed_key, 0x1A17)))
     return state_lib.create(params, tx, s.seed, len(s.ema_decays))
 
-  return init
+  jitted = jax.jit(traces.wrap("init", init), out_shardings=shardings)
+  compiled = []
+
+  def run(seed_key):
+    if not compiled:
+      compiled.append(jitted.lower(seed_key).compile(compiler_options=dict(INIT_COMPILER_OPTIONS)))
+    return compiled[0](seed_key)
+
+  return run
 
 
 def init_state(u: Setup):
-  """A fresh TrainState on the state shardings (the set-up's one jitted init)."""
+  """A fresh TrainState on the state shardings (the set-up's one compiled init)."""
   return u.init_fn(jax.random.key(u.s.seed))
 
 
