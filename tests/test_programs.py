@@ -137,6 +137,26 @@ def test_sample_mode_restores_only_the_first_ema(toy_run, tmp_path, monkeypatch)
   assert out["step"] == 10 and os.path.exists(os.path.join(str(tmp_path / "samples"), "shard_000000.npz"))
 
 
+def test_eval_mode_restores_only_the_first_ema_and_reads_no_training_data(toy_run, tmp_path, monkeypatch):
+  from diffusax.programs import evaluate
+  c, wd = toy_run
+  s = settings_lib.parse(_toy(c.data.data_dir, **OVER, **{"eval.metrics": ("bpd_vlb",), "eval.bpd_examples": 8,
+                                                          "eval.vlb_steps": 4}))
+  _forbid_training_things(monkeypatch, s.data.split)
+  traces = setup_lib.TraceCounts()
+  out = evaluate.run(s, wd, traces=traces)
+  assert out["step"] == 10 and np.isfinite(out["metrics"]["bpd_vlb"]) and traces == {"eval_bpd_vlb": 1}
+
+
+def test_state_init_is_compiled_once_per_setup(tmp_path):
+  import jax
+  u = train.setup(settings_lib.parse(_toy(str(tmp_path))), devices=jax.devices()[:1])
+  a, b = train.init_state(u), train.init_state(u)
+  assert u.traces == {"init": 1}
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_partial_restore_verifies_what_it_reads_and_only_that(toy_run, tmp_path):
   import shutil
   from diffusax import checkpoint as ckpt_lib
