@@ -233,6 +233,9 @@ def test_a_non_shape_error_at_init_is_not_reported_as_a_shape_problem(tmp_path):
   with pytest.raises(ValueError, match="labels y were given but the network has num_classes=None") as e:
     setup_lib.abstract_init(s, module, (2,))
   assert not isinstance(e.value, ConfigError)
+  # An option no program can serve is a one-line config error naming it.
+  with pytest.raises(ConfigError, match=r"model.unet.low_res_channels=3: a super-resolution network needs"):
+    setup_lib.build_module(settings_lib.parse(_parse_flags("--config.model.unet.low_res_channels=3")), 10)
 
 
 # ---------------------------------------------------------------------------

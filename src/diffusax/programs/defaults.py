@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0                         # Root of every random draw: fold_in(seed, step, ...).
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "sklearn_digits"     # TFDS name, or embedded: sklearn_digits, toy_gmm2d.
+  c.data.name = "sklearn_digits"     # TFDS name, or an embedded one (diffusax.data.registry.EMBEDDED).
   c.data.data_dir = "~/tensorflow_datasets"  # Where TFDS datasets live / the embedded one is built.
   c.data.split = "train"             # Training split.
   c.data.eval_split = "test"         # Held-out split for the eval loss ("" to skip).
