@@ -147,8 +147,3 @@ def vector_transform() -> Callable[[dict, np.random.Generator], dict]:
 
 # Batch transforms by the name a dataset's registry entry gives (data/registry.py).
 TRANSFORMS = {"image": image_transform, "vector": lambda random_flip=False: vector_transform()}
-
-
-def transform_for(name: str, data_dir: str, random_flip: bool = False) -> Callable[[dict, np.random.Generator], dict]:
-  """The batch transform of dataset `name`: raw records -> {'x': float32, 'label': int32}."""
-  return TRANSFORMS[registry.describe(name, data_dir).transform](random_flip=random_flip)
