@@ -7,9 +7,10 @@ Each measurement is a fresh process running the digits program's own pieces
 (`train.make_generator`: dpm_solver_pp_2m x 30 with CFG, 100 samples) and the
 `--mode=sample` job's batch function (`sampling.job.make_sample_fn` jitted as
 `job.run_job` does, one 256-sample shard). Reported per piece: its first call
-(trace + compile or cache load + one run) and, for scale, its second call.
-`train.init_state` jits a new function per call, so its second call compiles
-(or loads) again.
+(trace + compile or cache load + one run) and, for scale, its second call;
+and `first_step_s`, the wall time from starting the process (interpreter,
+imports, set-up, checkpointer, init) to the end of its first train step, in the
+training program's order.
 
 Cache settings, one process each, in this order per round:
   off    runtime.compilation_cache_dir = ""
@@ -36,6 +37,7 @@ import time
 import harness
 
 PIECES = ("init", "train_step", "sample_grid", "sample_job")
+TOTALS = ("first_step_s", "process_s")
 
 
 def _dir_stats(path: str) -> tuple[int, int]:
@@ -51,7 +53,7 @@ def worker(args) -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from diffusax.programs import sample as sample_prog
+  from diffusax.programs import setup as setup_lib
   from diffusax.programs import train
   from diffusax.sampling import job as job_lib
 
@@ -68,8 +70,17 @@ def worker(args) -> None:
     out[name] = {"first_s": first, "second_s": time.perf_counter() - t0}
     out[name]["compile_s"] = max(first - out[name]["second_s"], 0.0)
 
-  twice("init", lambda: train.init_state(u))
-  state = train.init_state(u)
+  # The training program's order up to its first step: checkpointer, init, runner, first batch, step.
+  ckpt = train.open_checkpointer(u, tempfile.mkdtemp(prefix="diffusax_ct_"))
+  times = {}
+
+  def first(name, f):
+    t0 = time.perf_counter()
+    out_ = jax.block_until_ready(f())
+    times[name] = time.perf_counter() - t0
+    return out_
+
+  state = first("init", lambda: train.init_state(u))
   runner = train.make_runner(u)
   batch = next(train.make_iterator(u))
   box = {"state": runner.to_run(state)}
@@ -78,13 +89,20 @@ def worker(args) -> None:
     box["state"], m = runner.step(box["state"], batch)
     return box["state"], m
 
-  twice("train_step", one_step)
+  first("train_step", one_step)
+  out["first_step_wall"] = time.time()
+  for name, f in (("init", lambda: train.init_state(u)), ("train_step", one_step)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f())
+    out[name] = {"first_s": times[name], "second_s": time.perf_counter() - t0}
+    out[name]["compile_s"] = max(times[name] - out[name]["second_s"], 0.0)
+  ckpt.close()
   params = box["state"].ema_params[0]
   gen = train.make_generator(u)
   labels = np.repeat(np.arange(u.num_classes), s.sample.per_class).astype(np.int32)
   key = jax.random.key(0)
   twice("sample_grid", lambda: gen(params, np.arange(len(labels)), labels, jnp.float32(1.0), key))
-  spec = sample_prog.job_spec(u, step=0)
+  spec = setup_lib.job_spec(u, step=0)
   fn = jax.jit(job_lib.make_sample_fn(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class))
   idx = np.arange(spec.shard_size, dtype=np.uint32)
   twice("sample_job", lambda: fn(params, idx, job_lib.labels_for(spec, idx), jnp.float32(1.0)))
@@ -97,10 +115,13 @@ def _spawn(cache_dir: str) -> dict:
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "out.json")
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    start = time.time()
     subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "--cache_dir", cache_dir,
                     "--worker_out", path], check=True, env=env)
     with open(path) as fh:
-      return json.load(fh)
+      out = json.load(fh)
+    out["first_step_s"] = out.pop("first_step_wall") - start
+    return out
 
 
 def report(runs: dict, cache_files: list) -> dict:
@@ -108,11 +129,12 @@ def report(runs: dict, cache_files: list) -> dict:
   best = {k: {p: min(run[p]["first_s"] for run in v) for p in PIECES} for k, v in runs.items()}
   steady = {p: min(run[p]["second_s"] for v in runs.values() for run in v) for p in PIECES}
   for k, v in runs.items():
-    best[k]["process_s"] = min(run["process_s"] for run in v)
+    for total in TOTALS:
+      best[k][total] = min(run[total] for run in v if total in run)
   print(f"\nfirst-call seconds (compile + one run; min of {len(runs['off'])} round(s)); digits config, "
         f"{harness.cpu_model()}")
   print(f"{'piece':13s}{'off':>8s}{'cold':>8s}{'warm':>8s}{'warm/off':>10s}{'cold/off':>10s}{'2nd call':>10s}")
-  for p in PIECES + ("process_s",):
+  for p in PIECES + TOTALS:
     o, c, w = best["off"][p], best["cold"][p], best["warm"][p]
     print(f"{p:13s}{o:8.2f}{c:8.2f}{w:8.2f}{w / o:10.2f}{c / o:10.2f}"
           + (f"{steady[p]:10.2f}" if p in steady else ""))

@@ -16,7 +16,7 @@ EIGEN_FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 
 
 def load_config(name: str, overrides: dict | None = None):
-  """configs/<name>.py get_config() with dotted-key overrides, e.g. {"model.kwargs.base_channels": 32}."""
+  """configs/<name>.py get_config() with dotted-key overrides, e.g. {"model.unet.base_channels": 32}."""
   path = os.path.join(REPO, "configs", f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"diffusax_bench_config_{name}", path)
   mod = importlib.util.module_from_spec(spec)
@@ -54,38 +54,19 @@ def settings(config):
 def setup_without_data(s, sample_shape: tuple, num_classes: int | None, devices=None):
   """`programs.train.Setup` for data of `sample_shape` without opening a dataset.
 
-  Mirrors `train.setup` (mesh, abstract init, parameter shardings, abstract
-  state, state shardings) for configs whose data is not on this machine
-  (cifar10); the step and state built from it are the program's own
+  `train.setup` without the training split: the program's own model set-up
+  (`programs.setup.model_setup` on a given data description) and training
+  set-up (`train.for_training`), for configs whose data is not on this
+  machine (cifar10); the step and state built from it are the program's own
   (`train.make_runner`, `train.init_state`).
   """
-  import jax
-  import jax.numpy as jnp
-
-  from diffusax import checkpoint as ckpt_lib
-  from diffusax.parallel import mesh as mesh_lib
-  from diffusax.programs import settings as settings_lib
+  from diffusax.data import registry
+  from diffusax.programs import setup as setup_lib
   from diffusax.programs import train
-  from diffusax.training import optimizer as optim_lib
-  from diffusax.training import state as state_lib
 
-  s = settings_lib.with_null_class(s, num_classes)
-  mesh = mesh_lib.make_mesh(s.mesh_shape, devices)
-  module = train.build_module(s, num_classes)
-  x = jax.ShapeDtypeStruct((2,) + tuple(sample_shape), jnp.float32)
-  t = jax.ShapeDtypeStruct((2,), jnp.float32)
-  y = jax.ShapeDtypeStruct((2,), jnp.int32) if s.class_conditional else None
-  boxed = jax.eval_shape(lambda k, x, t, y: module.init({"params": k, "dropout": k}, x, t, y, train=False),
-                         jax.random.key(0), x, t, y)["params"]
-  param_sh = mesh_lib.param_shardings(boxed, mesh)
-  tx, lr_fn = optim_lib.make(s.optim)
-  abstract_params = mesh_lib.unbox(boxed)
-  abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, s.seed, len(s.ema_decays)), abstract_params)
-  shardings = train.state_shardings(abstract_state, param_sh, mesh)
-  return train.Setup(s=s, mesh=mesh, module=module, schedule=s.schedule, source=None, num_classes=num_classes,
-                     sample_shape=tuple(sample_shape), tx=tx, lr_fn=lr_fn, abstract_state=abstract_state,
-                     state_shardings=shardings,
-                     signature=ckpt_lib.model_signature(abstract_params, s.model_settings()))
+  data = registry.Description(name=s.data.name, shape=tuple(sample_shape), num_classes=num_classes,
+                              transform="image" if len(sample_shape) == 3 else "vector", features=None)
+  return train.for_training(setup_lib.model_setup(s, devices, data=data), source=None)
 
 
 def alternate(calls: dict, repeats: int, budget_s: float | None = None) -> dict:

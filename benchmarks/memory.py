@@ -89,7 +89,7 @@ def measure(model: str, mesh_shape) -> dict:
 
 
 def remat_temp_bytes(case: str) -> dict:
-  """XLA's temp (activation) bytes of the compiled one-device train step, model.kwargs.remat off / on."""
+  """XLA's temp (activation) bytes of the compiled one-device train step, model.unet.remat off / on."""
   import jax
 
   import train_step as ts
@@ -101,7 +101,7 @@ def remat_temp_bytes(case: str) -> dict:
   out = {"batch": batch, "backend": jax.default_backend(), "model_dtype": dtype}
   for remat in (False, True):
     c = harness.load_config(cfg, {**over, "train.batch_size": batch, "mesh.shape": (1, 1), "model.dtype": dtype})
-    c.model.kwargs.remat = remat  # Not a declared key of the configs: set on the ConfigDict directly.
+    c.model.unet.remat = remat
     s = harness.settings(c)
     num_classes = 10 if s.class_conditional else None
     u = harness.setup_without_data(s, shape, num_classes, devices=jax.devices()[:1])
@@ -119,7 +119,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory.json"))
   ap.add_argument("--remat_cases", default="digits", help="train_step.py cases whose step's temp bytes are "
-                  "compared with model.kwargs.remat off/on (compiles each twice; '' = skip)")
+                  "compared with model.unet.remat off/on (compiles each twice; '' = skip)")
   args = ap.parse_args()
   rows = {m: [measure(m, ms) for ms in MESHES] for m in MODELS}
   remat = {c: remat_temp_bytes(c) for c in args.remat_cases.split(",") if c}
@@ -140,7 +140,7 @@ def main():
               f"sharding arithmetic {r['state_bytes_per_device']} B")
   for c, r in remat.items():
     print(f"{c} (batch {r['batch']}): train-step temp MB {r['plain'] * mb:.1f} -> {r['remat'] * mb:.1f} with "
-          f"model.kwargs.remat=True (ratio {r['ratio']:.2f})")
+          f"model.unet.remat=True (ratio {r['ratio']:.2f})")
   with open(args.out, "w") as fh:
     json.dump({"date": time.strftime("%Y-%m-%d"), "devices": NUM_DEVICES, "rows": rows, "remat_temp_bytes": remat},
               fh, indent=1)

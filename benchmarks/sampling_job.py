@@ -49,7 +49,7 @@ def main():
   import jax.numpy as jnp
   import numpy as np
 
-  from diffusax.programs import sample as sample_prog
+  from diffusax.programs import setup as setup_lib
   from diffusax.programs import train
   from diffusax.sampling import job as job_lib
 
@@ -57,7 +57,7 @@ def main():
   u = train.setup(s, devices=jax.devices()[:1])
   s = u.s
   params = train.init_state(u).ema_params[0]
-  spec = sample_prog.job_spec(u, step=0)
+  spec = setup_lib.job_spec(u, step=0)
   null = s.loss.null_class
   tmp = tempfile.mkdtemp(prefix="diffusax_sampling_job_")
   quiet = lambda *a, **k: None

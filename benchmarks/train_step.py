@@ -52,8 +52,8 @@ import harness
 CASES = {
     "digits": ("digits", {}, (8, 8, 1), 64, 256),
     "digits256": ("digits", {}, (8, 8, 1), 256, 1024),  # Same net, 4x the work per step (CPU: not default).
-    "c32": ("cifar10", {"model.kwargs.base_channels": 32}, (32, 32, 3), 16, 128),
-    "c64": ("cifar10", {"model.kwargs.base_channels": 64}, (32, 32, 3), 16, 128),
+    "c32": ("cifar10", {"model.unet.base_channels": 32}, (32, 32, 3), 16, 128),
+    "c64": ("cifar10", {"model.unet.base_channels": 64}, (32, 32, 3), 16, 128),
     "cifar10": ("cifar10", {}, (32, 32, 3), 8, 128),  # The 35.7M DDPM model (GPU default only).
 }
 DEFAULT_CASES = {"cpu": ("digits", "c32", "c64"), "gpu": ("digits", "c32", "c64", "cifar10")}

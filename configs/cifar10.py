@@ -23,15 +23,15 @@ def get_config():
   c.diffusion.weighting = "uniform"        # L_simple.
   c.diffusion.time_sampler = "uniform_discrete"
   c.model.name = "unet"
-  c.model.kwargs.base_channels = 128
-  c.model.kwargs.channel_mult = (1, 2, 2, 2)
-  c.model.kwargs.num_res_blocks = 2
-  c.model.kwargs.attn_resolutions = (16,)
-  c.model.kwargs.num_heads = 1
-  c.model.kwargs.dropout = 0.1
-  c.model.kwargs.remat = False             # Recompute ResBlock activations in backward: less activation
+  c.model.unet.base_channels = 128
+  c.model.unet.channel_mult = (1, 2, 2, 2)
+  c.model.unet.num_res_blocks = 2
+  c.model.unet.attn_resolutions = (16,)
+  c.model.unet.num_heads = 1
+  c.model.unet.dropout = 0.1
+  c.model.unet.remat = False               # Recompute ResBlock activations in backward: less activation
                                            # memory for one more forward pass (not part of the checkpoint signature).
-  c.model.kwargs.scale_shift_norm = False  # DDPM adds the time embedding (ADM: scale-shift, +2.6M params).
+  c.model.unet.scale_shift_norm = False    # DDPM adds the time embedding (ADM: scale-shift, +2.6M params).
   c.model.dtype = "bfloat16"               # bf16 compute, fp32 params (use float32 on CPU).
   c.model.class_conditional = False        # DDPM is unconditional; set True for CFG (label_dropout below).
   c.guidance.label_dropout = 0.1

@@ -16,14 +16,14 @@ def get_config():
   c.diffusion.target = "v"                 # v-prediction: well-conditioned at both ends of t.
   c.diffusion.weighting = "uniform"        # Plain MSE on v.
   c.model.name = "unet"
-  c.model.kwargs.base_channels = 32        # Small ADM U-Net (1.1M params): 8x8 -> 4x4.
-  c.model.kwargs.channel_mult = (1, 2)
-  c.model.kwargs.num_res_blocks = 2
-  c.model.kwargs.attn_resolutions = (4,)
-  c.model.kwargs.num_heads = 2
-  c.model.kwargs.num_groups = 8
-  c.model.kwargs.dropout = 0.0
-  c.model.kwargs.remat = False             # Recompute ResBlock activations in backward: less activation
+  c.model.unet.base_channels = 32          # Small ADM U-Net (1.1M params): 8x8 -> 4x4.
+  c.model.unet.channel_mult = (1, 2)
+  c.model.unet.num_res_blocks = 2
+  c.model.unet.attn_resolutions = (4,)
+  c.model.unet.num_heads = 2
+  c.model.unet.num_groups = 8
+  c.model.unet.dropout = 0.0
+  c.model.unet.remat = False               # Recompute ResBlock activations in backward: less activation
                                            # memory for one more forward pass (not part of the checkpoint signature).
   c.model.class_conditional = True         # Labels with a null class for CFG.
   c.guidance.label_dropout = 0.1

@@ -14,8 +14,8 @@ def get_config():
   c.diffusion.schedule = "vp_cosine"
   c.diffusion.target = "eps"
   c.model.name = "mlp"
-  c.model.kwargs.hidden = 256
-  c.model.kwargs.depth = 3
+  c.model.mlp.hidden = 256
+  c.model.mlp.depth = 3
   c.model.class_conditional = False
   c.guidance.label_dropout = 0.0
   c.optim.lr = 3e-3

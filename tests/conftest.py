@@ -41,8 +41,8 @@ def tiny_digits(tmp_path_factory):
   import sys
   root = tmp_path_factory.mktemp("tiny_digits")
   data_dir, wd = str(root / "tfds"), str(root / "run")
-  over = {"model.kwargs.base_channels": 8, "model.kwargs.channel_mult": (1, 2),
-          "model.kwargs.attn_resolutions": (4,), "model.kwargs.num_groups": 4, "train.batch_size": 16,
+  over = {"model.unet.base_channels": 8, "model.unet.channel_mult": (1, 2),
+          "model.unet.attn_resolutions": (4,), "model.unet.num_groups": 4, "train.batch_size": 16,
           "train.num_steps": 4, "train.log_every": 2, "train.eval_batches": 1, "sample.num_steps": 3,
           "sample.per_class": 2, "sample.guidance_scale": 2.0}
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))

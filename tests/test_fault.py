@@ -41,7 +41,7 @@ def _abstract(u):
 
 def test_flipped_byte_is_detected_and_fallback_uses_previous(data_dir, tmp_path):
   # Hidden 256: kernels large enough that orbax stores them out of line, unprotected by its own CRCs.
-  u = _setup(data_dir, **{"model.kwargs.hidden": 256})
+  u = _setup(data_dir, **{"model.mlp.hidden": 256})
   state = train.init_state(u)
   wd = str(tmp_path / "w")
   ck = train.open_checkpointer(u, wd)
@@ -196,7 +196,7 @@ def _main(args, **kw):
 
 def _toy_args(data_dir, wd, steps, extra=()):
   return ["--config=configs/toy2d.py", f"--workdir={wd}", f"--config.data.data_dir={data_dir}",
-          "--config.model.kwargs.hidden=32", "--config.model.kwargs.depth=2", "--config.train.batch_size=64",
+          "--config.model.mlp.hidden=32", "--config.model.mlp.depth=2", "--config.train.batch_size=64",
           f"--config.train.num_steps={steps}", "--config.train.log_every=10", "--config.train.eval_batches=1",
           "--config.sample.num_steps=2", "--config.sample.per_class=4", "--config.optim.decay=constant", *extra]
 

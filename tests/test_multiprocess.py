@@ -31,7 +31,7 @@ def _env(devices=None):
 
 def _args(data_dir, wd, ordered=True, steps=STEPS):
   return ["--config=configs/toy2d.py", f"--workdir={wd}", f"--config.data.data_dir={data_dir}",
-          "--config.model.kwargs.hidden=32", "--config.model.kwargs.depth=2", "--config.train.batch_size=64",
+          "--config.model.mlp.hidden=32", "--config.model.mlp.depth=2", "--config.train.batch_size=64",
           f"--config.train.num_steps={steps}", "--config.train.log_every=3", "--config.train.ckpt_every=3",
           "--config.train.eval_batches=1", "--config.sample.num_steps=2", "--config.sample.per_class=4",
           f"--config.mesh.ordered_reduction={ordered}"]

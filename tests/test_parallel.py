@@ -33,7 +33,7 @@ def data_dir(tmp_path_factory):
 
 def _config(data_dir, **over):
   # Hidden width 64: every kernel dimension divides by fsdp = 8.
-  return _toy(data_dir, **{"model.kwargs.hidden": 64, **over})
+  return _toy(data_dir, **{"model.mlp.hidden": 64, **over})
 
 
 def _run(u, state, n, it=None):
@@ -147,10 +147,10 @@ def test_checkpoint_moves_between_meshes_and_training_continues(data_dir, tmp_pa
     ({"mesh.shape": (2, 2, 2)}, r"mesh shape must have 2 entries \(data, fsdp\), got \(2, 2, 2\)"),
 ])
 def test_bad_mesh_or_batch_refused_before_device_work(data_dir, tmp_path, over, match):
-  before = dict(train.TRACE_COUNTS)
+  traces = train.TraceCounts()
   with pytest.raises(ConfigError, match=match):
-    train.train_and_evaluate(settings_lib.parse(_config(data_dir, **over)), str(tmp_path / "w"))
-  assert train.TRACE_COUNTS == before
+    train.train_and_evaluate(settings_lib.parse(_config(data_dir, **over)), str(tmp_path / "w"), traces=traces)
+  assert traces == {}
   assert not (tmp_path / "w").exists()
 
 
@@ -233,7 +233,7 @@ def test_sharding_rules_report_what_is_replicated_and_can_refuse():
 
 def test_program_names_the_parameters_fsdp_cannot_split(data_dir):
   # Hidden width 36 does not divide by fsdp = 8: the MLP's kernels and biases are replicated, and said so.
-  u = train.setup(settings_lib.parse(_config(data_dir, **{"mesh.shape": (1, 8), "model.kwargs.hidden": 36})))
+  u = train.setup(settings_lib.parse(_config(data_dir, **{"mesh.shape": (1, 8), "model.mlp.hidden": 36})))
   line = u.sharding_summary
   assert line.startswith("parameter sharding on mesh {'data': 1, 'fsdp': 8}: 0 arrays sharded (0 B), ")
   assert "15 replicated because no dimension divides" in line and "['block_0_0']['kernel'] (36, 36) over fsdp" in line

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import toy2d as toy2d_config  # noqa: E402
 
-TOY = ["--config.model.kwargs.hidden=32", "--config.model.kwargs.depth=2", "--config.train.batch_size=64",
+TOY = ["--config.model.mlp.hidden=32", "--config.model.mlp.depth=2", "--config.train.batch_size=64",
        "--config.train.log_every=10", "--config.train.eval_batches=1", "--config.sample.num_steps=4",
        "--config.sample.per_class=4"]
 
@@ -42,7 +42,7 @@ def toy_run(tmp_path_factory):
 def _settings(data_dir, **over):
   c = toy2d_config.get_config()
   c.data.data_dir = data_dir
-  c.model.kwargs.hidden, c.model.kwargs.depth, c.train.batch_size = 32, 2, 64
+  c.model.mlp.hidden, c.model.mlp.depth, c.train.batch_size = 32, 2, 64
   for k, v in over.items():
     a, b = k.split(".")
     c[a][b] = v
@@ -51,7 +51,7 @@ def _settings(data_dir, **over):
 
 def test_samples_depend_on_index_not_batch(toy_run, tmp_path):
   """Same indices, different shard sizes: the same samples (deterministic and stochastic samplers)."""
-  from diffusax.programs import sample as sample_prog
+  from diffusax.programs import setup as setup_lib
   from diffusax.programs.logs import Logger
   data_dir, wd = toy_run
   for method in ("ddim", "ddpm"):
@@ -60,10 +60,10 @@ def test_samples_depend_on_index_not_batch(toy_run, tmp_path):
       s = _settings(data_dir, **{"sample.method": method, "sample.num_steps": 5, "sample.num_samples": 48,
                                  "sample.shard_size": shard})
       u = train.setup(s)
-      params, step = sample_prog.restore_ema(u, wd)
-      spec = sample_prog.job_spec(u, step)
+      params, step = setup_lib.restore_ema(u, wd)
+      spec = setup_lib.job_spec(u, step)
       out = str(tmp_path / f"{method}_{shard}")
-      sample_prog.generate(u, params, spec, out, Logger(out, enabled=False))
+      setup_lib.run_sample_job(u, params, spec, out, Logger(out, enabled=False))
       outs.append(job_lib.load(out))
     assert spec.per_sample_keys() == (method == "ddpm")
     np.testing.assert_array_equal(outs[0]["indices"], np.arange(48))
@@ -72,23 +72,23 @@ def test_samples_depend_on_index_not_batch(toy_run, tmp_path):
 
 
 def test_shard_files_and_mismatched_job(toy_run, tmp_path):
-  from diffusax.programs import sample as sample_prog
+  from diffusax.programs import setup as setup_lib
   from diffusax.programs.logs import Logger
   data_dir, wd = toy_run
   s = _settings(data_dir, **{"sample.num_samples": 10, "sample.shard_size": 4})
   u = train.setup(s)
-  params, step = sample_prog.restore_ema(u, wd)
-  spec = sample_prog.job_spec(u, step)
+  params, step = setup_lib.restore_ema(u, wd)
+  spec = setup_lib.job_spec(u, step)
   out = str(tmp_path / "o")
   os.makedirs(out)
   open(os.path.join(out, ".shard_000001.npz.tmp123"), "w").write("partial")  # a killed writer's leftover
-  sample_prog.generate(u, params, spec, out, Logger(out, enabled=False))
+  setup_lib.run_sample_job(u, params, spec, out, Logger(out, enabled=False))
   assert sorted(os.listdir(out)) == ["job.json", "samples.png", "shard_000000.npz", "shard_000001.npz",
                                      "shard_000002.npz"]
   d = np.load(os.path.join(out, "shard_000002.npz"))
   assert d["samples"].shape == (2, 2) and d["samples"].dtype == np.float32
   assert list(d["indices"]) == [8, 9] and int(d["seed"]) == 0 and list(d["labels"]) == [-1, -1]
-  other = sample_prog.job_spec(_u := train.setup(_settings(data_dir, **{"sample.num_samples": 10,
+  other = setup_lib.job_spec(_u := train.setup(_settings(data_dir, **{"sample.num_samples": 10,
                                                                          "sample.shard_size": 4,
                                                                          "sample.seed": 1})), step)
   with pytest.raises(job_lib.JobMismatch, match=r"different job \(differs in \['seed'\]"):

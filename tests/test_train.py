@@ -9,7 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from diffusax.programs import evaluate
 from diffusax.programs import settings as settings_lib
+from diffusax.programs import setup as setup_lib
 from diffusax.programs import train
 from diffusax.programs.settings import ConfigError
 
@@ -22,8 +24,8 @@ import toy2d as toy2d_config  # noqa: E402
 def _toy(data_dir, **over):
   c = toy2d_config.get_config()
   c.data.data_dir = data_dir
-  c.model.kwargs.hidden = 32
-  c.model.kwargs.depth = 2
+  c.model.mlp.hidden = 32
+  c.model.mlp.depth = 2
   c.train.batch_size = 64
   c.train.num_steps = 30
   c.train.log_every = 10
@@ -75,21 +77,24 @@ def test_unknown_config_key_names_nearest():
     ({"data.name": "mnist"}, r"data: dataset 'mnist' is not prepared"),
     ({"train.batch_size": 60}, r"batch size 60 does not divide over the 8 data-parallel devices"),
     ({"mesh.shape": (3, 2)}, r"mesh shape \(3, 2\) needs 6 devices but 8 are available"),
-    ({"model.kwargs.widht": 3}, r"unknown mlp option\(s\) \['widht'\]"),
+    ({"model.mlp.widht": 3}, r"unknown config key 'model.mlp.widht'; did you mean \['model.mlp.depth', "
+                             r"'model.mlp.hidden'"),
+    ({"model.mlp.time_embedding": "wavelet"}, r"model.mlp options: unknown time_embedding 'wavelet'"),
     ({"train.full_eval": True}, r"fd/kid on this dataset need Inception features: set eval.inception_weights"),
 ])
 def test_setup_refuses_before_device_work(data_dir, tmp_path, over, match):
-  before = dict(train.TRACE_COUNTS)
+  traces = train.TraceCounts()
   with pytest.raises(ConfigError, match=match):
-    train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **over)), str(tmp_path / "w"))
-  assert train.TRACE_COUNTS == before
+    train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **over)), str(tmp_path / "w"),
+                             evaluator=evaluate.Evaluator, traces=traces)
+  assert traces == {}
   assert not (tmp_path / "w").exists(), "nothing may be written for a refused config"
 
 
 def test_image_size_the_unet_cannot_take(data_dir, tmp_path):
   c = digits_config.get_config()
   c.data.data_dir = data_dir
-  c.model.kwargs.channel_mult = (1, 2, 2, 2, 2)  # 8x8 cannot be halved 4 times.
+  c.model.unet.channel_mult = (1, 2, 2, 2, 2)  # 8x8 cannot be halved 4 times.
   with pytest.raises(ConfigError, match=r"cannot take data of shape \(8, 8, 1\)"):
     train.train_and_evaluate(settings_lib.parse(c), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
@@ -100,10 +105,10 @@ def test_image_size_the_unet_cannot_take(data_dir, tmp_path):
 
 def test_train_compiles_once_and_resumes_in_process(data_dir, tmp_path):
   wd = str(tmp_path / "run")
-  train.TRACE_COUNTS.clear()
-  out = train.train_and_evaluate(settings_lib.parse(_toy(data_dir)), wd)
+  traces = train.TraceCounts()
+  out = train.train_and_evaluate(settings_lib.parse(_toy(data_dir)), wd, traces=traces)
   assert out["step"] == 30 and np.isfinite(out["eval_loss_ema"])
-  assert train.TRACE_COUNTS["train_step"] == 1, train.TRACE_COUNTS
+  assert traces["train_step"] == traces["init"] == 1, traces
   hist = json.load(open(os.path.join(wd, "metrics.json")))["history"]
   assert [h["step"] for h in hist] == [10, 20, 30]
   assert all(np.isfinite(h["loss"]) and h["lr"] > 0 for h in hist)
@@ -113,8 +118,9 @@ def test_train_compiles_once_and_resumes_in_process(data_dir, tmp_path):
   full = {"train.num_steps": 40, "train.full_eval": True, "train.eval_every": 5,
           "eval.metrics": ("bpd_vlb", "bpd_ode"), "eval.bpd_examples": 16, "eval.vlb_steps": 8,
           "eval.ode_steps": 4}
-  out = train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **full)), wd)
-  assert out["step"] == 40 and train.TRACE_COUNTS["train_step"] == 2
+  out = train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **full)), wd, evaluator=evaluate.Evaluator,
+                                 traces=traces)
+  assert out["step"] == 40 and traces["train_step"] == 2 and traces["init"] == 1  # resumed: no init
   assert sorted(os.listdir(os.path.join(wd, "eval"))) == ["eval_0000035.json", "eval_0000040.json"]
   for step in (35, 40):
     rec = json.load(open(os.path.join(wd, "eval", f"eval_{step:07d}.json")))
@@ -124,17 +130,17 @@ def test_train_compiles_once_and_resumes_in_process(data_dir, tmp_path):
     assert all(np.isfinite(v) for v in rec["metrics"].values())
   assert out["eval"] == rec["metrics"]
   # One evaluator for the run: the second evaluation reuses the compiled likelihood functions.
-  assert train.TRACE_COUNTS["eval_bpd_vlb"] == train.TRACE_COUNTS["eval_bpd_ode"] == 1, train.TRACE_COUNTS
+  assert traces["eval_bpd_vlb"] == traces["eval_bpd_ode"] == 1, traces
 
 
 def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):
   from diffusax.checkpoint import CheckpointMismatch
   wd = str(tmp_path / "run")
   train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **{"train.num_steps": 10})), wd)
-  before = dict(train.TRACE_COUNTS)
+  traces = train.TraceCounts()
   with pytest.raises(CheckpointMismatch, match=r"different model(?s:.*)hidden"):
-    train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **{"model.kwargs.hidden": 48})), wd)
-  assert train.TRACE_COUNTS.get("train_step") == before.get("train_step")
+    train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **{"model.mlp.hidden": 48})), wd, traces=traces)
+  assert "train_step" not in traces
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["10"], "the old checkpoint must stay intact"
 
 
@@ -164,7 +170,7 @@ def _main(args, **kw):
 
 def _toy_args(data_dir, wd, steps, extra=()):
   return ["--config=configs/toy2d.py", f"--workdir={wd}", f"--config.data.data_dir={data_dir}",
-          "--config.model.kwargs.hidden=32", "--config.model.kwargs.depth=2", "--config.train.batch_size=64",
+          "--config.model.mlp.hidden=32", "--config.model.mlp.depth=2", "--config.train.batch_size=64",
           f"--config.train.num_steps={steps}", "--config.train.log_every=10", "--config.train.eval_batches=1",
           "--config.sample.num_steps=4", "--config.sample.per_class=4", *extra]
 
@@ -251,7 +257,7 @@ def test_every_config_parses_and_its_network_builds(name):
   cfg = importlib.import_module(name).get_config()
   s = settings_lib.parse(cfg)
   ncls = {"digits": 10, "toy2d": None, "cifar10": 10}[name] if s.class_conditional else None
-  module = train.build_module(s, ncls)
+  module = setup_lib.build_module(s, ncls)
   shape = {"digits": (8, 8, 1), "toy2d": (2,), "cifar10": (32, 32, 3)}[name]
   x = jax.ShapeDtypeStruct((2,) + shape, jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -280,8 +286,8 @@ def test_weight_decay_spares_vectors_and_the_frozen_fourier_frequencies():
 def test_remat_is_a_compute_option_not_part_of_the_checkpoint_signature():
   base = digits_config.get_config()
   other = digits_config.get_config()
-  other.model.kwargs.remat = True
+  other.model.unet.remat = True
   wider = digits_config.get_config()
-  wider.model.kwargs.base_channels = 48
+  wider.model.unet.base_channels = 48
   sig = lambda c: settings_lib.parse(c).model_settings()  # noqa: E731
   assert sig(other) == sig(base) != sig(wider)

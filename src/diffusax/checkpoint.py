@@ -8,6 +8,9 @@ Each checkpoint step holds two items:
          run information.
 A restore reads `meta` first and refuses a checkpoint whose model signature
 differs from the current model, naming the differences, before any array is read.
+`restore(..., part=("ema_params", 0))` reads one subtree of the state only (the
+first EMA, for sampling and evaluation): orbax opens only those arrays, the rest
+(parameters, optimizer moments, other EMAs) is never read from disk.
 
 Safety (see parallel/integrity.py for the checksum):
   * save: one jitted reduction gives a checksum and a finiteness flag per array;
@@ -163,18 +166,22 @@ class Checkpointer:
     return dict(out["meta"])
 
   def restore(self, abstract_state, signature: dict | None = None, step: int | None = None,
-              fallback: bool = False):
+              fallback: bool = False, part: tuple = ()):
     """Restores (state, meta) at `step` (default latest) onto abstract_state's shardings.
 
     The arrays are verified against the checksums in meta. With `fallback`, a
     corrupted latest checkpoint is moved aside and the next older one is tried.
+    `part`: the path of one subtree of the saved state to read alone, as
+    attribute names then sequence indices, e.g. ("ema_params", 0) for
+    state.ema_params[0]; `abstract_state` is then that subtree's abstract value
+    and the subtree is returned (verified against the same recorded checksums).
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     while True:
       try:
-        return self._restore_verified(abstract_state, signature, step)
+        return self._restore_verified(abstract_state, signature, step, tuple(part))
       except CheckpointCorrupted as e:
         older = [s for s in self.all_steps() if s < step]
         if not fallback or not older:
@@ -185,7 +192,7 @@ class Checkpointer:
         self._set_aside(step)
         step = max(older)
 
-  def _restore_verified(self, abstract_state, signature, step):
+  def _restore_verified(self, abstract_state, signature, step, part=()):
     where = f"checkpoint {os.path.join(self.directory, str(step))}"
     try:
       meta = self.read_meta(step)
@@ -204,21 +211,60 @@ class Checkpointer:
           "meta was replaced), so its arrays cannot be verified. To restore it anyway, set "
           "--config.train.allow_unverified_restore=True")
     try:
-      out = self.manager.restore(int(step),
-                                 args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      if part:
+        state = self._restore_part(int(step), abstract_state, part)
+      else:
+        out = self.manager.restore(int(step),
+                                   args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        state = out["state"]
     except Exception as e:  # noqa: BLE001 - a damaged file fails deep inside tensorstore.
       raise CheckpointCorrupted(f"{where} is unreadable: {_one_line(e)}") from None
-    state = out["state"]
     if recorded is None:
       self._log(f"warning: {where} has no checksums; restored unverified (train.allow_unverified_restore)")
       return state, meta
     checks, _ = self.audit(state)
+    prefix = _part_keystr(part)
+    checks = {prefix + p: c for p, c in checks.items()}
     bad = [p for p in checks if recorded.get(p) != checks[p]]
     if bad:
       raise CheckpointCorrupted(
           f"{where} is corrupted: array {bad[0]} has checksum {checks[bad[0]]} but {recorded.get(bad[0])} "
           f"was recorded at save" + (f" ({len(bad)} arrays differ)" if len(bad) > 1 else ""))
     return state, meta
+
+  def _restore_part(self, step: int, abstract, part: tuple):
+    """Reads only the subtree at `part` of the saved state (orbax partial restore).
+
+    The saved tree's structure (from the checkpoint's metadata, no array read)
+    gives the siblings along the path: dict levels keep only the key on the
+    path, list levels (tuples are saved as lists) keep their length with every
+    other entry a placeholder that is not read.
+    """
+    from etils import epath
+    path = epath.Path(self.directory) / str(step) / "state"
+    reader = ocp.PyTreeCheckpointHandler()  # On the item's folder: the manager's handler registry is not involved.
+    saved = reader.metadata(path)
+    saved = getattr(saved, "tree", saved)
+    skip = lambda tree: jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)  # noqa: E731
+
+    def target(node, keys):
+      if not keys:
+        return abstract
+      key, rest = keys[0], keys[1:]
+      if isinstance(node, (list, tuple)):
+        return [target(v, rest) if i == key else skip(v) for i, v in enumerate(node)]
+      return {key: target(node[key], rest)}
+
+    try:
+      item = target(saved, part)
+    except (KeyError, IndexError, TypeError):
+      raise KeyError(f"the saved state has no part {_part_keystr(part)!r}") from None
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    node = reader.restore(path, args=args)
+    for key in part:
+      node = node[key]
+    return node
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
@@ -249,6 +295,11 @@ class Checkpointer:
 def _one_line(e: BaseException) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
   return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def _part_keystr(part: tuple) -> str:
+  """jax keystr of a state subtree: attribute names then sequence indices, ("ema_params", 0) -> ".ema_params[0]"."""
+  return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in part)
 
 
 def abstract_like(tree, shardings) -> Any:

@@ -191,7 +191,11 @@ def main(argv) -> None:
     s = settings_lib.parse(config)
     if FLAGS.mode == "train":
       from diffusax.programs import train
-      train.train_and_evaluate(s, FLAGS.workdir)
+      evaluator = None
+      if s.train.full_eval:  # The training loop gets the evaluator from here; it never imports evaluate.
+        from diffusax.programs import evaluate
+        evaluator = evaluate.Evaluator
+      train.train_and_evaluate(s, FLAGS.workdir, evaluator=evaluator)
     elif FLAGS.mode == "sample":
       from diffusax.programs import sample
       sample.run(s, FLAGS.workdir)

@@ -1,8 +1,9 @@
 """Data sources and an exact, checkpointable batch iterator.
 
-Sources are random-access sequences of example dicts (`len`, `__getitems__`):
-TFDS array_record sources read without TensorFlow, the embedded digits, and
-generated toy sets. `BatchIterator` walks a source epoch by epoch in an order
+Sources are random-access sequences of example dicts (`len`, `__getitems__`,
+data/sources.py): TFDS array_record sources read without TensorFlow and the
+embedded datasets of data/registry.py (the digits, a generated toy set).
+`TRANSFORMS` holds the batch transforms a registry entry names. `BatchIterator` walks a source epoch by epoch in an order
 drawn from (seed, epoch) alone, gives each process its slice of every global
 batch, and has a two-integer state (epoch, batch index) that is saved with each
 checkpoint, so a resumed run sees exactly the batches an uninterrupted one
@@ -16,61 +17,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-# Names served without TFDS' registry. Everything else is looked up in TFDS.
-EMBEDDED = ("sklearn_digits", "toy_gmm2d")
+from diffusax.data import registry
+from diffusax.data.sources import ArraySource, CachedSource, DataError, read, toy_gmm2d  # noqa: F401 - re-exported
 
-
-class DataError(ValueError):
-  """A dataset that cannot be opened: unknown, not prepared, or a bad split."""
-
-
-class ArraySource:
-  """An in-memory source over dict-of-arrays with equal first dimension."""
-
-  def __init__(self, arrays: dict[str, np.ndarray]):
-    sizes = {k: len(v) for k, v in arrays.items()}
-    if len(set(sizes.values())) != 1:
-      raise ValueError(f"ArraySource arrays differ in length: {sizes}")
-    self.arrays = arrays
-    self._n = next(iter(sizes.values()))
-
-  def __len__(self):
-    return self._n
-
-  def __getitems__(self, idx):
-    idx = np.asarray(idx)
-    return {k: v[idx] for k, v in self.arrays.items()}
-
-
-def toy_gmm2d(num_points: int = 65536, num_modes: int = 8, radius: float = 2.0, std: float = 0.1,
-              seed: int = 0) -> ArraySource:
-  """Points of a 2-D mixture of `num_modes` equal Gaussians on a circle; label = mode."""
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, num_modes, num_points)
-  angle = 2 * np.pi * labels / num_modes
-  centres = radius * np.stack([np.cos(angle), np.sin(angle)], axis=1)
-  x = centres + std * rng.standard_normal((num_points, 2))
-  return ArraySource({"x": x.astype(np.float32), "label": labels.astype(np.int32)})
-
-
-def _as_arrays(records) -> dict[str, np.ndarray]:
-  """TFDS `__getitems__` returns a list of dicts; stack them into arrays."""
-  if isinstance(records, dict):
-    return records
-  return {k: np.stack([r[k] for r in records]) for k in records[0]}
-
-
-def read(source, indices) -> dict[str, np.ndarray]:
-  """Records at `indices` of any source as a dict of stacked arrays (TFDS sources take a list of ints)."""
-  idx = np.asarray(indices)
-  return _as_arrays(source.__getitems__(idx if isinstance(source, ArraySource) else idx.tolist()))
-
-
-class CachedSource(ArraySource):
-  """Reads a (small) source once, decoded, into memory."""
-
-  def __init__(self, source):
-    super().__init__(read(source, np.arange(len(source))))
+# Names served without TFDS' registry (data/registry.py). Everything else is looked up in TFDS.
+EMBEDDED = registry.EMBEDDED
 
 
 def open_source(name: str, split: str, data_dir: str, *, cache_max_examples: int = 200_000):
@@ -82,12 +33,12 @@ def open_source(name: str, split: str, data_dir: str, *, cache_max_examples: int
   or a missing split. Any other failure propagates unchanged, with its cause.
   """
   data_dir = os.path.expanduser(data_dir)
-  if name == "toy_gmm2d":
-    return toy_gmm2d(seed={"train": 0, "test": 1}.get(split, 2))
+  entry = EMBEDDED.get(name)
+  if entry is not None and entry.source is not None:
+    return entry.source(split)
   _check_data_dir(data_dir)
-  if name == "sklearn_digits":
-    from diffusax.data import digits
-    builder = digits.prepare(data_dir)
+  if entry is not None:
+    builder = entry.builder(data_dir)
   else:
     import tensorflow_datasets as tfds
     try:
@@ -132,13 +83,7 @@ def _check_data_dir(data_dir: str) -> None:
 
 def num_classes(name: str, data_dir: str) -> int | None:
   """Number of label classes of a dataset, or None when it has no 'label'."""
-  if name == "toy_gmm2d":
-    return 8
-  if name == "sklearn_digits":
-    return 10
-  import tensorflow_datasets as tfds
-  feats = tfds.builder(name, data_dir=os.path.expanduser(data_dir)).info.features
-  return feats["label"].num_classes if "label" in feats else None
+  return registry.describe(name, data_dir).num_classes
 
 
 @dataclasses.dataclass
@@ -226,3 +171,7 @@ def vector_transform() -> Callable[[dict, np.random.Generator], dict]:
     del rng
     return {"x": batch["x"].astype(np.float32), "label": batch["label"].astype(np.int32)}
   return fn
+
+
+# Batch transforms by the name a dataset's registry entry gives (data/registry.py).
+TRANSFORMS = {"image": image_transform, "vector": lambda random_flip=False: vector_transform()}

@@ -8,6 +8,8 @@ num_classes the null class, or None. Outputs are float32 with the shape of x
 
   NETWORKS / build(name, **kwargs)   "unet", "dit", "mlp"
   NoisyClassifier                    logits for classifier guidance
+  InputShapeError / OptionError      (ValueErrors) inputs of a shape the network cannot take /
+                                     constructor options that contradict each other
   bridge.denoiser / classifier_log_prob   (module, variables) -> core callables
 
 Parameters carry logical axis names: `init` returns `nn.LogicallyPartitioned`
@@ -30,7 +32,7 @@ import dataclasses
 from diffusax.nn import bridge
 from diffusax.nn.classifier import NoisyClassifier
 from diffusax.nn.dit import DIT_CONFIGS, DiT
-from diffusax.nn.layers import LOGICAL_AXES, count_params, logical_spec, unbox
+from diffusax.nn.layers import LOGICAL_AXES, InputShapeError, OptionError, count_params, logical_spec, unbox
 from diffusax.nn.mlp import MLPDenoiser
 from diffusax.nn.unet import UNet
 
@@ -68,5 +70,5 @@ def build(name: str, **kwargs):
   return cls(**kwargs)
 
 
-__all__ = ["NETWORKS", "build", "fields", "UNet", "DiT", "DIT_CONFIGS", "MLPDenoiser", "NoisyClassifier",
+__all__ = ["NETWORKS", "build", "fields", "InputShapeError", "OptionError", "UNet", "DiT", "DIT_CONFIGS", "MLPDenoiser", "NoisyClassifier",
            "bridge", "LOGICAL_AXES", "LOGICAL_AXES_DOC", "unbox", "logical_spec", "count_params", "BF16_REL_TOL"]

@@ -44,7 +44,7 @@ class NoisyClassifier(nn.Module):
   @nn.compact
   def __call__(self, x, t, train: bool = False):
     if x.ndim != 4:
-      raise ValueError(f"NoisyClassifier expects x of shape [B, H, W, C]; got {tuple(x.shape)}")
+      raise layers.InputShapeError(f"NoisyClassifier expects x of shape [B, H, W, C]; got {tuple(x.shape)}")
     unet.check_resolution(x.shape, len(self.channel_mult), "NoisyClassifier")
     unet.check_widths(self.base_channels, self.channel_mult, self.num_groups, "NoisyClassifier")
     b = x.shape[0]

@@ -48,7 +48,7 @@ _normal002 = nn.initializers.normal(0.02)
 def sincos_pos_embed(dim: int, gh: int, gw: int) -> np.ndarray:
   """Fixed 2-D sin-cos position embedding [gh * gw, dim] (MAE / DiT convention)."""
   if dim % 4:
-    raise ValueError(f"DiT hidden_size must be divisible by 4 for 2-D position embeddings; got {dim}")
+    raise layers.OptionError(f"DiT hidden_size must be divisible by 4 for 2-D position embeddings; got {dim}")
 
   def one_d(d, pos):
     omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
@@ -112,14 +112,14 @@ class DiT(nn.Module):
   def __call__(self, x, t, y=None, train: bool = False):
     del train
     if x.ndim != 4:
-      raise ValueError(f"DiT expects x of shape [B, H, W, C]; got {tuple(x.shape)}")
+      raise layers.InputShapeError(f"DiT expects x of shape [B, H, W, C]; got {tuple(x.shape)}")
     b, hh, ww, c = x.shape
     p, d = self.patch_size, self.hidden_size
     if hh % p or ww % p:
-      raise ValueError(f"DiT: input resolution {hh}x{ww} is not divisible by patch_size={p}; "
+      raise layers.InputShapeError(f"DiT: input resolution {hh}x{ww} is not divisible by patch_size={p}; "
                        f"allowed sizes are multiples of {p}")
     if d % self.num_heads:
-      raise ValueError(f"DiT: hidden_size={d} is not divisible by num_heads={self.num_heads}")
+      raise layers.OptionError(f"DiT: hidden_size={d} is not divisible by num_heads={self.num_heads}")
     t = embeddings.batch_times(t, b)
     y = embeddings.check_labels(y, self.num_classes, b)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

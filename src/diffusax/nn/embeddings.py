@@ -35,7 +35,7 @@ TIME_EMBEDDINGS = ("sinusoidal", "fourier")
 def sinusoidal(s, dim: int, max_period: float = 10000.0):
   """Sinusoidal features of s [B] (already scaled): [B, dim] float32, [cos | sin]."""
   if dim % 2:
-    raise ValueError(f"sinusoidal embedding dim must be even; got {dim}")
+    raise layers.OptionError(f"sinusoidal embedding dim must be even; got {dim}")
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=F32) / half)
   args = jnp.asarray(s, F32)[:, None] * freqs[None]
@@ -61,7 +61,7 @@ class FourierFeatures(nn.Module):
   @nn.compact
   def __call__(self, t):
     if self.dim % 2:
-      raise ValueError(f"Fourier embedding dim must be even; got {self.dim}")
+      raise layers.OptionError(f"Fourier embedding dim must be even; got {self.dim}")
     w = self.param("W", layers.boxed(nn.initializers.normal(self.scale), ("mlp",)),
                    (self.dim // 2,), self.param_dtype)
     w = jax.lax.stop_gradient(w).astype(F32)
@@ -94,7 +94,7 @@ class TimeEmbedding(nn.Module):
     elif self.kind == "fourier":
       f = FourierFeatures(fdim, self.fourier_scale, self.param_dtype, name="fourier")(t)
     else:
-      raise ValueError(f"unknown time_embedding {self.kind!r}; allowed: {list(TIME_EMBEDDINGS)}")
+      raise layers.OptionError(f"unknown time_embedding {self.kind!r}; allowed: {list(TIME_EMBEDDINGS)}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
     h = layers.dense(self.dim, ("embed", "mlp"), name="dense_0", **kw)(f.astype(self.dtype))
     h = layers.dense(self.dim, ("mlp", "embed"), name="dense_1", **kw)(nn.silu(h))

@@ -90,9 +90,17 @@ def conv(features: int, kernel_size: int = 3, *, stride: int = 1, dtype: Dtype =
                  bias_init=boxed(zeros, ("conv_out",)))
 
 
+class InputShapeError(ValueError):
+  """The network cannot take inputs of this shape (rank, or a size its downsamplings or patches do not divide)."""
+
+
+class OptionError(ValueError):
+  """The network's constructor options contradict each other (e.g. num_groups not dividing a width)."""
+
+
 def check_groups(channels: int, num_groups: int, where: str = "GroupNorm") -> None:
   if num_groups <= 0 or channels % num_groups:
-    raise ValueError(
+    raise OptionError(
         f"{where}: {channels} channels are not divisible by num_groups={num_groups}; "
         f"set num_groups to a divisor of every width (base_channels * channel_mult)")
 
@@ -117,10 +125,10 @@ def resolve_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
   """Number of heads: channels // num_head_channels when that is > 0, else num_heads."""
   if num_head_channels > 0:
     if channels % num_head_channels:
-      raise ValueError(f"attention: {channels} channels not divisible by num_head_channels={num_head_channels}")
+      raise OptionError(f"attention: {channels} channels not divisible by num_head_channels={num_head_channels}")
     return channels // num_head_channels
   if num_heads <= 0 or channels % num_heads:
-    raise ValueError(f"attention: {channels} channels not divisible by num_heads={num_heads}")
+    raise OptionError(f"attention: {channels} channels not divisible by num_heads={num_heads}")
   return num_heads
 
 
@@ -142,7 +150,7 @@ class SelfAttention(nn.Module):
     c = x.shape[-1]
     h = self.num_heads
     if c % h:
-      raise ValueError(f"attention: {c} channels not divisible by num_heads={h}")
+      raise OptionError(f"attention: {c} channels not divisible by num_heads={h}")
     d = c // h
     qkv_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
     out_init = zeros if self.zero_out else nn.initializers.variance_scaling(

@@ -39,7 +39,7 @@ class MLPDenoiser(nn.Module):
   def __call__(self, x, t, y=None, train: bool = False):
     del train
     if x.ndim != 2:
-      raise ValueError(f"MLPDenoiser expects x of shape [B, D]; got {tuple(x.shape)}")
+      raise layers.InputShapeError(f"MLPDenoiser expects x of shape [B, D]; got {tuple(x.shape)}")
     b, dim = x.shape
     t = embeddings.batch_times(t, b)
     y = embeddings.check_labels(y, self.num_classes, b)

@@ -166,11 +166,11 @@ class UNetEncoder(nn.Module):
 
 
 def check_resolution(shape, levels: int, where: str = "UNet") -> None:
-  """Raises ValueError unless H and W are divisible by 2**(levels - 1)."""
+  """Raises layers.InputShapeError unless H and W are divisible by 2**(levels - 1)."""
   f = 2 ** (levels - 1)
   hh, ww = shape[1], shape[2]
   if hh % f or ww % f:
-    raise ValueError(
+    raise layers.InputShapeError(
         f"{where}: input resolution {hh}x{ww} is not divisible by 2**{levels - 1} = {f} "
         f"(channel_mult has {levels} levels, so {levels - 1} downsamplings); allowed sizes are "
         f"multiples of {f}, e.g. {f * max(1, hh // f)} or {f * (hh // f + 1)}")
@@ -212,7 +212,7 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x, t, y=None, train: bool = False, low_res=None):
     if x.ndim != 4:
-      raise ValueError(f"UNet expects x of shape [B, H, W, C]; got {tuple(x.shape)}")
+      raise layers.InputShapeError(f"UNet expects x of shape [B, H, W, C]; got {tuple(x.shape)}")
     b, hh, ww, c = x.shape
     check_resolution(x.shape, len(self.channel_mult))
     check_widths(self.base_channels, self.channel_mult, self.num_groups)

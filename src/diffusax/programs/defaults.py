@@ -2,8 +2,42 @@
 
 `configs/*.py` start from `base_config()` and change values; they may not add
 keys (the program refuses unknown keys and names the nearest valid ones).
+
+Network options: one block per `diffusax.nn.NETWORKS` entry (`model.unet.*`,
+`model.dit.*`, `model.mlp.*`), filled from that Linen module's own dataclass
+fields and defaults (see `network_options`), so every option of every network
+can be set from the command line, the schema cannot disagree with the
+networks, and `--config.model.name=dit` switches network on any config. Only
+the block of `model.name` is used.
 """
+import dataclasses
+
 import ml_collections
+from ml_collections import config_dict
+
+# Network fields the program sets itself, so not options: the class count comes from the data
+# (model.class_conditional), the compute dtype from model.dtype; parameters are stored in float32.
+PROGRAM_SET_FIELDS = ("num_classes", "dtype", "param_dtype")
+_NONE_TYPES = {"int | None": int, "float | None": float, "str | None": str, "bool | None": bool}
+
+
+def network_options(cls) -> ml_collections.ConfigDict:
+  """The options of a network class: its dataclass fields (less Linen's and PROGRAM_SET_FIELDS) with
+  their defaults. A field whose default is None becomes a typed placeholder (settable from the command
+  line, e.g. `int | None` takes an int)."""
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(cls):
+    if f.name in ("parent", "name") + PROGRAM_SET_FIELDS:
+      continue
+    default = f.default
+    if default is None:
+      kind = _NONE_TYPES.get(str(f.type))
+      if kind is None:
+        raise TypeError(f"{cls.__name__}.{f.name}: no config type for {f.type!r} with default None")
+      c[f.name] = config_dict.placeholder(kind)
+    else:
+      c[f.name] = tuple(default) if isinstance(default, list) else default
+  return c
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -11,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0                         # Root of every random draw: fold_in(seed, step, ...).
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "sklearn_digits"     # TFDS name, or embedded: sklearn_digits, toy_gmm2d.
+  c.data.name = "sklearn_digits"     # TFDS name, or an embedded one (diffusax.data.registry.EMBEDDED).
   c.data.data_dir = "~/tensorflow_datasets"  # Where TFDS datasets live / the embedded one is built.
   c.data.split = "train"             # Training split.
   c.data.eval_split = "test"         # Held-out split for the eval loss ("" to skip).
@@ -29,7 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "unet"              # diffusax.nn.NETWORKS name: unet, dit, mlp.
-  c.model.kwargs = ml_collections.ConfigDict()  # Network constructor settings (see diffusax.nn).
+  from diffusax import nn            # Deferred: only the schema needs the network classes.
+  for name, cls in nn.NETWORKS.items():  # model.<name>.*: that network's constructor options (see diffusax.nn).
+    c.model[name] = network_options(cls)
   c.model.dtype = "float32"          # Compute dtype: float32 or bfloat16 (params stay float32).
   c.model.class_conditional = True   # Condition on labels (adds a null class for CFG).
 

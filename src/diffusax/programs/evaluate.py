@@ -28,21 +28,26 @@ import numpy as np
 
 from diffusax.core import likelihood
 from diffusax.core import Model
-from diffusax.data import pipeline
+from diffusax.data import pipeline, registry
 from diffusax.evaluation import distances
-from diffusax.programs import sample as sample_prog
-from diffusax.programs import train
+from diffusax.programs import setup as setup_lib
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
 from diffusax.sampling import job as job_lib
 
 
-def feature_kind(s: Settings) -> str:
+def feature_kind(s: Settings, data) -> str:
+  """The fd/kid features: eval.features, or with "auto" the dataset's own (data.registry), else Inception.
+
+  `data`: the dataset's `data.registry.Description`.
+  """
   kind = s.eval.features
+  own = data.features or "inception"
   if kind == "auto":
-    kind = "digits" if s.data.name == "sklearn_digits" else "inception"
-  if kind == "digits" and s.data.name != "sklearn_digits":
-    raise ConfigError(f"eval.features='digits' needs data.name='sklearn_digits', got {s.data.name!r}")
+    kind = own
+  if kind != "inception" and kind != own:
+    have = [n for n, e in registry.EMBEDDED.items() if e.features == kind]
+    raise ConfigError(f"eval.features={kind!r} needs data.name in {have}, got {s.data.name!r}")
   if kind == "inception" and not s.eval.inception_weights:
     raise ConfigError("fd/kid on this dataset need Inception features: set eval.inception_weights to the FID "
                       "Inception weights file (pt_inception-2015-12-05-6726825d.pth), or drop fd/kid from "
@@ -51,18 +56,22 @@ def feature_kind(s: Settings) -> str:
 
 
 class Evaluator:
-  """The metrics of eval.metrics for any number of parameter sets of one `train.Setup`.
+  """The metrics of eval.metrics for any number of parameter sets of one `setup.ModelSetup`.
 
   Everything that does not depend on the parameters is built on first use and
   kept: the jitted sampler and likelihood functions (parameters are their
   arguments, so a second evaluation neither retraces nor recompiles), the
   feature network, the real-data reference features and the held-out
-  examples. The training program holds one for its whole run. Tracings are
-  counted in `train.TRACE_COUNTS` ("eval_sample", "eval_bpd_vlb", "eval_bpd_ode").
+  examples. The training program holds one for its whole run (its caller
+  passes `Evaluator` as train.train_and_evaluate's `evaluator`). Tracings are
+  counted in `traces` ("eval_sample", "eval_bpd_vlb", "eval_bpd_ode").
+  Construction refuses settings evaluation cannot run with (`check`).
   """
 
-  def __init__(self, u: train.Setup):
+  def __init__(self, u: setup_lib.ModelSetup, traces: setup_lib.TraceCounts | None = None):
+    check(u.s, u.data)
     self.u = u
+    self.traces = setup_lib.TraceCounts() if traces is None else traces
     self._cache: dict[str, object] = {}
 
   def _once(self, name: str, build):
@@ -97,18 +106,18 @@ class Evaluator:
 
   def _sample_metrics(self, params, step: int, workdir: str, logger: Logger) -> tuple[dict, dict]:
     u, s, ev = self.u, self.u.s, self.u.s.eval
-    spec = sample_prog.job_spec(u, step, num_samples=ev.num_samples)
-    out_dir = os.path.join(workdir, "eval", os.path.basename(sample_prog.default_out_dir(workdir, spec))
+    spec = setup_lib.job_spec(u, step, num_samples=ev.num_samples)
+    out_dir = os.path.join(workdir, "eval", os.path.basename(setup_lib.default_out_dir(workdir, spec))
                            + f"_n{spec.num_samples}")
     # The sample function depends on the sampler settings, not on the checkpoint step.
-    fn = self._once("sample_fn", lambda: train._count("eval_sample", job_lib.make_sample_fn(
+    fn = self._once("sample_fn", lambda: self.traces.wrap("eval_sample", job_lib.make_sample_fn(
         u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class)))
-    sample_prog.generate(u, params, spec, out_dir, logger, sample_fn=fn)
+    setup_lib.run_sample_job(u, params, spec, out_dir, logger, sample_fn=fn)
     gen = job_lib.load(out_dir)
     m, extra = {}, {"samples_dir": out_dir}
     want = set(ev.metrics)
-    kind = feature_kind(s) if want & {"fd", "kid"} else None
-    if s.data.name == "sklearn_digits" and (kind == "digits" or "class_accuracy" in want):
+    kind = feature_kind(s, u.data) if want & {"fd", "kid"} else None
+    if u.data.features == "digits" and (kind == "digits" or "class_accuracy" in want):
       # The digits classifier: features for fd/kid, predictions for class accuracy.
       from diffusax.evaluation import digits_classifier as dc
       cparams, info = self._classifier(logger)
@@ -162,10 +171,10 @@ class Evaluator:
 
       k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
       return {"d": int(np.prod(data.shape[1:])), "is_8bit": is_8bit,
-              "vlb": (jax.jit(train._count("eval_bpd_vlb", vlb)),
+              "vlb": (jax.jit(self.traces.wrap("eval_bpd_vlb", vlb)),
                       jnp.asarray(data, jnp.float32) / 127.5 - 1.0 if is_8bit else jnp.asarray(data, jnp.float32),
                       jax.random.fold_in(key, 0)),
-              "ode": (jax.jit(train._count("eval_bpd_ode", nll_ode)),
+              "ode": (jax.jit(self.traces.wrap("eval_bpd_ode", nll_ode)),
                       likelihood.dequantize(data, k1) if is_8bit else jnp.asarray(data, jnp.float32), k2)}
     return self._once("likelihood", build)
 
@@ -218,18 +227,19 @@ def _real_images(s: Settings, split: str, limit: int | None = None) -> np.ndarra
 
 
 
-def check(s: Settings) -> None:
+def check(s: Settings, data) -> None:
   """Refuses settings evaluation cannot run with (e.g. fd/kid without features) before any device work."""
   if set(s.eval.metrics) & {"fd", "kid"}:
-    feature_kind(s)
+    feature_kind(s, data)
 
 
-def run(s: Settings, workdir: str) -> dict:
-  u = train.setup(s)
-  check(u.s)  # Refuse a missing weights file before loading anything.
+def run(s: Settings, workdir: str, devices=None, traces: setup_lib.TraceCounts | None = None) -> dict:
+  """Evaluates the first EMA of a checkpoint; reads only those parameters and the eval data."""
+  u = setup_lib.model_setup(s, devices)
+  evaluator = Evaluator(u, traces)  # Refuses a missing weights file before loading anything.
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   try:
-    params, step = sample_prog.restore_ema(u, workdir, u.s.sample.checkpoint_step, logger)
-    return Evaluator(u).evaluate(params, step, workdir, logger)
+    params, step = setup_lib.restore_ema(u, workdir, u.s.sample.checkpoint_step, logger)
+    return evaluator.evaluate(params, step, workdir, logger)
   finally:
     logger.close()

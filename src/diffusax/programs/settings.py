@@ -115,7 +115,7 @@ class Settings:
   schedule_kwargs: dict
   loss: LossConfig
   model_name: str
-  model_kwargs: dict
+  model_kwargs: dict  # The options of model.<model_name>: every constructor field of that network.
   model_dtype: str
   class_conditional: bool
   optim: OptimConfig
@@ -175,6 +175,9 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
                       label_dropout=float(c.guidance.label_dropout), null_class=None)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  from diffusax import nn  # Deferred, like the samplers below.
+  if c.model.name not in nn.NETWORKS:
+    raise ConfigError(f"unknown model.name {c.model.name!r}; allowed: {sorted(nn.NETWORKS)}")
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
   from diffusax.core import samplers  # Deferred: samplers are optional for parsing tests.
@@ -220,7 +223,7 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       data=DataSettings(name=c.data.name, data_dir=c.data.data_dir, split=c.data.split,
                         eval_split=c.data.eval_split, random_flip=bool(c.data.random_flip)),
       schedule_name=c.diffusion.schedule, schedule_kwargs=sched_kwargs, loss=loss,
-      model_name=c.model.name, model_kwargs=dict(c.model.kwargs), model_dtype=c.model.dtype,
+      model_name=c.model.name, model_kwargs=dict(c.model[c.model.name]), model_dtype=c.model.dtype,
       class_conditional=bool(c.model.class_conditional), optim=optim, ema_decays=decays,
       ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape),
       mesh_strategy=c.mesh.strategy, eval=ev, mesh_ordered_reduction=bool(c.mesh.ordered_reduction))

@@ -1,9 +1,12 @@
 """The training program: `train_and_evaluate(settings, workdir)`.
 
-Set-up order: validate settings and data, build the mesh, evaluate the network
-init abstractly (shapes only) to get parameter shardings, then either restore
-the latest checkpoint in the workdir onto those shardings or initialise under
-`jit` with them as out_shardings. The train step is jitted once with the state
+Set-up order: open the training split, then the shared model set-up
+(`programs.setup.model_setup`: dataset description, mesh, the network init
+evaluated abstractly for parameter shardings), then what training adds
+(optimizer, abstract TrainState and its shardings); then either restore the
+latest checkpoint in the workdir onto those shardings or initialise under
+`jit` with them as out_shardings. The full evaluation (train.full_eval) is
+handed in by the caller (`evaluator=`); this module imports no other program. The train step is jitted once with the state
 donated. The loop syncs with the host only at log, eval and checkpoint steps.
 
 Strategies (`mesh.strategy`): "mesh" jits the step over the (data, fsdp) mesh
@@ -34,52 +37,31 @@ from diffusax.parallel import integrity
 from diffusax.parallel import mesh as mesh_lib
 from diffusax.parallel import pmap as pmap_lib
 from diffusax.programs import settings as settings_lib
+from diffusax.programs import setup as setup_lib
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
+from diffusax.programs.setup import ModelSetup, TraceCounts, open_checkpointer  # noqa: F401 - part of this API
 from diffusax.sampling import generate
 from diffusax.training import optimizer as optim_lib
 from diffusax.training import preemption
 from diffusax.training import state as state_lib
 from diffusax.training import step as step_lib
 
-# Number of times each jitted program function was traced in this process (tests read it).
-TRACE_COUNTS: dict[str, int] = {}
 
+@dataclasses.dataclass(frozen=True)
+class Setup(ModelSetup):
+  """The model set-up plus what training adds: the training split, the optimizer, the state's shardings.
 
-def _count(name, fn):
-  def wrapped(*a, **k):
-    TRACE_COUNTS[name] = TRACE_COUNTS.get(name, 0) + 1
-    return fn(*a, **k)
-  return wrapped
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything built from the settings before the first device computation."""
-  s: Settings
-  mesh: Any
-  module: Any
-  schedule: Any
-  source: Any
-  num_classes: int | None
-  sample_shape: tuple
-  tx: Any
-  lr_fn: Any
-  abstract_state: Any
-  state_shardings: Any
-  signature: dict
-  sharding_summary: str = ""  # One line: which parameters are sharded and which replicated (logged once).
-
-
-def build_module(s: Settings, num_classes: int | None):
-  from diffusax import nn
-  kwargs = dict(s.model_kwargs)
-  kwargs["num_classes"] = num_classes if s.class_conditional else None
-  kwargs["dtype"] = jnp.bfloat16 if s.model_dtype == "bfloat16" else jnp.float32
-  try:
-    return nn.build(s.model_name, **kwargs)
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f"model: {e}") from None
+  `traces` counts the tracings of the jitted functions built from it ("init",
+  "train_step", "eval_loss"); `init_fn` is the state init, compiled once on first use.
+  """
+  source: Any = None
+  tx: Any = None
+  lr_fn: Any = None
+  abstract_state: Any = None
+  state_shardings: Any = None
+  traces: TraceCounts = dataclasses.field(default_factory=TraceCounts)
+  init_fn: Any = None
 
 
 def state_shardings(abstract_state, param_sh, mesh):
@@ -92,74 +74,84 @@ def state_shardings(abstract_state, param_sh, mesh):
                               opt_state=opt, rng=rep)
 
 
-def setup(s: Settings, devices=None) -> Setup:
+def setup(s: Settings, devices=None, traces: TraceCounts | None = None) -> Setup:
   """Validates everything and computes shapes and shardings; no device computation.
 
-  `devices`: the devices of the mesh (default all, over all processes); e.g. one
-  device to sample from or evaluate a checkpoint written on a larger mesh.
+  `devices`: see `setup.model_setup`. `traces`: the caller's trace counter (default a new one).
   """
   try:
     source = pipeline.open_source(s.data.name, s.data.split, s.data.data_dir)
     num_classes = pipeline.num_classes(s.data.name, s.data.data_dir)
   except pipeline.DataError as e:  # Other failures keep their own type and traceback.
     raise ConfigError(f"data: {e}") from None
-  s = settings_lib.with_null_class(s, num_classes)
-  settings_lib.time_sampler_check(s)
+  m = setup_lib.model_setup(s, devices)
   try:
-    mesh = mesh_lib.make_mesh(s.mesh_shape, devices)
-    mesh_lib.check_batch(s.train.batch_size, mesh, jax.process_count())
+    mesh_lib.check_batch(m.s.train.batch_size, m.mesh, jax.process_count())
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
+  if m.s.train.batch_size > len(source):
+    raise ConfigError(f"train.batch_size {m.s.train.batch_size} exceeds the {len(source)} training examples")
+  return for_training(m, source, traces)
+
+
+def for_training(m: ModelSetup, source, traces: TraceCounts | None = None) -> Setup:
+  """The training set-up on a model set-up: optimizer, abstract TrainState and its shardings, and the
+  state init (compiled once; the persistent compilation cache serves it to later processes)."""
+  s = m.s
+  settings_lib.time_sampler_check(s)
   if s.mesh_strategy == "pmap" and jax.process_count() > 1:
     raise ConfigError(f"mesh.strategy='pmap' runs in one process; this run has {jax.process_count()} "
                       "processes: use mesh.strategy='mesh'")
-  if s.train.batch_size > len(source):
-    raise ConfigError(f"train.batch_size {s.train.batch_size} exceeds the {len(source)} training examples")
-  transform = pipeline.vector_transform() if s.data.name == "toy_gmm2d" else pipeline.image_transform()
-  example = transform(pipeline.read(source, [0]), None)
-  sample_shape = tuple(example["x"].shape[1:])
-  module = build_module(s, num_classes)
-  schedule = s.schedule
-  b = 2
-  x = jax.ShapeDtypeStruct((b,) + sample_shape, jnp.float32)
-  t = jax.ShapeDtypeStruct((b,), jnp.float32)
-  y = jax.ShapeDtypeStruct((b,), jnp.int32) if s.class_conditional else None
-  try:
-    boxed = jax.eval_shape(lambda k, x, t, y: module.init({"params": k, "dropout": k}, x, t, y, train=False),
-                           jax.random.key(0), x, t, y)["params"]
-  except ValueError as e:  # The network refuses the shape (e.g. size not divisible by its downsamplings).
-    raise ConfigError(f"model {s.model_name!r} cannot take data of shape {sample_shape}: {e}") from None
-  param_sh = mesh_lib.param_shardings(boxed, mesh)
-  sharding_summary = mesh_lib.sharding_summary(mesh_lib.placements(boxed, mesh), mesh)
+  traces = TraceCounts() if traces is None else traces
   tx, lr_fn = optim_lib.make(s.optim)
-  abstract_params = mesh_lib.unbox(boxed)
-  abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, s.seed, len(s.ema_decays)), abstract_params)
-  shardings = state_shardings(abstract_state, param_sh, mesh)
-  signature = ckpt_lib.model_signature(abstract_params, s.model_settings())
-  return Setup(s=s, mesh=mesh, module=module, schedule=schedule, source=source, num_classes=num_classes,
-               sample_shape=sample_shape, tx=tx, lr_fn=lr_fn, abstract_state=abstract_state,
-               state_shardings=shardings, signature=signature, sharding_summary=sharding_summary)
+  abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, s.seed, len(s.ema_decays)), m.abstract_params)
+  shardings = state_shardings(abstract_state, m.param_shardings, m.mesh)
+  fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelSetup)}
+  return Setup(**fields, source=source, tx=tx, lr_fn=lr_fn, abstract_state=abstract_state,
+               state_shardings=shardings, traces=traces,
+               init_fn=_make_init(m, tx, shardings, traces))
+
+
+# XLA options of the one-off state init. Its program is hundreds of small RNG fusions (one per
+# parameter initializer; the forward pass is dead code), and optimising them dominated start-up:
+# digits measured 8 s at the default level against ~1.5 s at level 0 (benchmarks/compile_time.py).
+# It runs once per run, so its speed does not matter. The RNG bits are integer arithmetic and the
+# same; a float transform may round differently (digits: 1 ulp in 2 of 840 arrays against the
+# default level), so fresh runs start from that slightly different, still fixed, init.
+INIT_COMPILER_OPTIONS = (("xla_backend_optimization_level", 0), ("xla_llvm_disable_expensive_passes", True))
+
+
+def _make_init(m: ModelSetup, tx, shardings, traces: TraceCounts):
+  """Lazily compiled `seed key -> fresh TrainState` on `shardings` (params from fold_in(key, 0x1A17)).
+
+  Calls the set-up's `param_init` (its trace is reused, not redone) and compiles with
+  INIT_COMPILER_OPTIONS on the first call; later calls reuse the executable.
+  """
+  s = m.s
+
+  def init(seed_key):
+    params = mesh_lib.unbox(m.param_init(jax.random.fold_in(seed_key, 0x1A17)))
+    return state_lib.create(params, tx, s.seed, len(s.ema_decays))
+
+  jitted = jax.jit(traces.wrap("init", init), out_shardings=shardings)
+  compiled = []
+
+  def run(seed_key):
+    if not compiled:
+      compiled.append(jitted.lower(seed_key).compile(compiler_options=dict(INIT_COMPILER_OPTIONS)))
+    return compiled[0](seed_key)
+
+  return run
 
 
 def init_state(u: Setup):
-  s, module = u.s, u.module
-  b = 2
-  x = jnp.zeros((b,) + u.sample_shape, jnp.float32)
-  t = jnp.full((b,), 0.5, jnp.float32)
-  y = jnp.zeros((b,), jnp.int32) if s.class_conditional else None
-
-  def init(seed_key):
-    k = jax.random.fold_in(seed_key, 0x1A17)
-    params = mesh_lib.unbox(module.init({"params": k, "dropout": k}, x, t, y, train=False)["params"])
-    return state_lib.create(params, u.tx, s.seed, len(s.ema_decays))
-
-  return jax.jit(init, out_shardings=u.state_shardings)(jax.random.key(s.seed))
+  """A fresh TrainState on the state shardings (the set-up's one compiled init)."""
+  return u.init_fn(jax.random.key(u.s.seed))
 
 
 def make_iterator(u: Setup, split: str | None = None, seed_offset: int = 0, source=None):
   s = u.s
-  transform = pipeline.vector_transform() if s.data.name == "toy_gmm2d" else \
-      pipeline.image_transform(random_flip=s.data.random_flip)
+  transform = pipeline.TRANSFORMS[u.data.transform](random_flip=s.data.random_flip)
   return pipeline.BatchIterator(source if source is not None else u.source, s.train.batch_size,
                                 seed=s.seed + seed_offset, process_index=jax.process_index(),
                                 process_count=jax.process_count(), transform=transform)
@@ -229,6 +221,7 @@ class Runner:
 
 
 def make_runner(u: Setup) -> Runner:
+  """The strategy's Runner; its jitted step is traced once (counted as "train_step" in u.traces)."""
   s = u.s
   batch_keys = ("x", "label")
   if s.mesh_strategy == "pmap":
@@ -236,7 +229,7 @@ def make_runner(u: Setup) -> Runner:
     n = len(devices)
     fn = step_lib.make_train_step(u.module.apply, u.tx, u.lr_fn, u.schedule, s.loss, s.ema_decays, s.ema_warmup,
                                   axis_name=pmap_lib.AXIS, axis_size=n)
-    pstep = jax.pmap(_count("train_step", fn), axis_name=pmap_lib.AXIS, devices=devices, donate_argnums=0)
+    pstep = jax.pmap(u.traces.wrap("train_step", fn), axis_name=pmap_lib.AXIS, devices=devices, donate_argnums=0)
 
     def step(state, batch):
       state, metrics = pstep(state, pmap_lib.split_batch({k: v for k, v in batch.items() if k in batch_keys}, n))
@@ -250,7 +243,7 @@ def make_runner(u: Setup) -> Runner:
   batch_sh = {"x": mesh_lib.batch_sharding(u.mesh, 1 + len(u.sample_shape)),
               "label": mesh_lib.batch_sharding(u.mesh, 1)}
   rep = mesh_lib.replicated(u.mesh)
-  step_fn = jax.jit(_count("train_step", train_step), in_shardings=(u.state_shardings, batch_sh),
+  step_fn = jax.jit(u.traces.wrap("train_step", train_step), in_shardings=(u.state_shardings, batch_sh),
                     out_shardings=(u.state_shardings, rep), donate_argnums=0)
 
   def step(state, batch):
@@ -259,35 +252,34 @@ def make_runner(u: Setup) -> Runner:
   return Runner(to_run=lambda st: st, from_run=lambda st: st, step=step)
 
 
-def open_checkpointer(u: Setup, workdir: str, logger: Logger | None = None) -> ckpt_lib.Checkpointer:
-  s = u.s
-  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
-                               async_save=s.train.async_checkpoints,
-                               replicated_sharding=mesh_lib.replicated(u.mesh),
-                               log=logger.info if logger is not None else print,
-                               allow_unverified=s.train.allow_unverified_restore)
-
-
-def train_and_evaluate(s: Settings, workdir: str, devices=None) -> dict:
+def train_and_evaluate(s: Settings, workdir: str, devices=None, *, evaluator=None,
+                       traces: TraceCounts | None = None) -> dict:
   """Trains (resuming from the workdir when it has a checkpoint), then samples and evaluates.
 
   On SIGTERM/SIGINT it saves after the current step and returns early with
   result["preempted"] = True (no final eval or samples). `devices`: see `setup`.
+  `evaluator`: with train.full_eval, the evaluation to run at every eval
+  interval and at the end, as a factory `(setup, traces) -> object with
+  .evaluate(params, step, workdir, logger) -> dict` (`programs.evaluate.Evaluator`;
+  the caller hands it in, so this program does not import the evaluation one).
+  Built before training, so its refusals come before any device work.
+  `traces`: the caller's trace counter (tests read it).
   """
-  u = setup(s, devices)
+  u = setup(s, devices, traces)
   s = u.s
-  evaluator = None
+  ev = None
   if s.train.full_eval:
-    from diffusax.programs import evaluate  # Deferred: evaluate builds on this module.
-    evaluate.check(s)  # A missing Inception weights file is refused before training, not at the first eval.
-    evaluator = evaluate.Evaluator(u)  # Compiles on first use, then serves every eval interval.
+    if evaluator is None:
+      raise ConfigError("train.full_eval=True needs the evaluation program: run through diffusax.main, or "
+                        "pass evaluator=diffusax.programs.evaluate.Evaluator")
+    ev = evaluator(u, u.traces)  # Compiles on first use, then serves every eval interval.
   os.makedirs(workdir, exist_ok=True)
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   logger.info(u.sharding_summary)
   ckpt = None
   try:
     ckpt = open_checkpointer(u, workdir, logger)
-    return _train_loop(u, workdir, logger, ckpt, evaluator)
+    return _train_loop(u, workdir, logger, ckpt, ev)
   except BaseException:
     # Stop the background writers (orbax, the event file) so the process can exit with the error
     # instead of hanging on their threads; a failed save is not retried.
@@ -311,7 +303,7 @@ def _check_replicas(state, step: int, logger: Logger) -> None:
 
 
 def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpointer, evaluator=None) -> dict:
-  """`evaluator`: a `programs.evaluate.Evaluator` run at every eval interval and at the end (train.full_eval)."""
+  """`evaluator`: the object built by train_and_evaluate's factory, run at every eval interval and at the end."""
   s = u.s
   it = make_iterator(u)
   abstract = ckpt_lib.abstract_like(u.abstract_state, u.state_shardings)
@@ -323,7 +315,7 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
     state = init_state(u)
 
   runner = make_runner(u)
-  eval_fn = jax.jit(_count("eval_loss", step_lib.make_eval_loss(u.module.apply, u.schedule, s.loss)))
+  eval_fn = jax.jit(u.traces.wrap("eval_loss", step_lib.make_eval_loss(u.module.apply, u.schedule, s.loss)))
   eval_source = None
   if s.data.eval_split:
     try:

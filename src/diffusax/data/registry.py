@@ -1,0 +1,83 @@
+"""The embedded datasets: served without TFDS' registry, each with what the programs need to know.
+
+    EMBEDDED[name] -> Embedded        "sklearn_digits", "toy_gmm2d"
+    describe(name, data_dir) -> Description   shape, classes, transform and eval features of any dataset
+
+An entry gives the dataset's example shape (the model input x of one example),
+its number of classes, its batch transform (a `pipeline.TRANSFORMS` name:
+"image" maps uint8 [B, H, W, C] to float32 in [-1, 1], "vector" passes float
+points through) and its evaluation features for fd/kid ("digits": the digits
+classifier of evaluation/digits_classifier.py; None: the FID Inception
+network, as for every TFDS image dataset). Shapes and classes come without
+opening a split, so sampling and evaluation never read the training data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+from diffusax.data import sources
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+  """A dataset that needs no download.
+
+  Exactly one of `source` (split -> an in-memory source, generated) and
+  `builder` (data_dir -> a prepared local TFDS builder, built on first use).
+  """
+  shape: tuple                   # One example's model input x, e.g. (8, 8, 1) or (2,).
+  num_classes: int | None        # Label classes (None: unlabelled).
+  transform: str                 # pipeline.TRANSFORMS name: "image" or "vector".
+  features: str | None           # fd/kid features: "digits" (digits classifier) or None (Inception).
+  description: str
+  source: Callable[[str], Any] | None = None
+  builder: Callable[[str], Any] | None = None
+
+
+def _digits_builder(data_dir: str):
+  from diffusax.data import digits  # Deferred: imports tensorflow_datasets (seconds).
+  return digits.prepare(data_dir)
+
+
+EMBEDDED: dict[str, Embedded] = {
+    "sklearn_digits": Embedded(
+        shape=(8, 8, 1), num_classes=10, transform="image", features="digits",
+        description="scikit-learn's 8x8 grey digits, 1437 train / 360 test (data/digits.py)",
+        builder=_digits_builder),
+    "toy_gmm2d": Embedded(
+        shape=(2,), num_classes=8, transform="vector", features=None,
+        description="65536 points of 8 Gaussians (std 0.1) on a circle of radius 2; label = mode",
+        source=lambda split: sources.toy_gmm2d(seed={"train": 0, "test": 1}.get(split, 2))),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+  """What a program needs to know about a dataset before reading any example."""
+  name: str
+  shape: tuple
+  num_classes: int | None
+  transform: str
+  features: str | None
+
+
+def describe(name: str, data_dir: str) -> Description:
+  """Shape, classes, transform and eval features of an embedded or a TFDS dataset (its info only).
+
+  TFDS datasets must have an 'image' feature of fixed shape; raises DataError otherwise.
+  """
+  entry = EMBEDDED.get(name)
+  if entry is not None:
+    return Description(name, tuple(entry.shape), entry.num_classes, entry.transform, entry.features)
+  import tensorflow_datasets as tfds
+  try:
+    feats = tfds.builder(name, data_dir=os.path.expanduser(data_dir)).info.features
+  except Exception as e:  # noqa: BLE001 - TFDS raises DatasetNotFoundError and friends.
+    raise sources.DataError(f"unknown dataset {name!r}: TFDS says {type(e).__name__}: {str(e).splitlines()[0]}. "
+                     f"Embedded datasets: {list(EMBEDDED)}") from None
+  if "image" not in feats or any(d is None for d in feats["image"].shape):
+    raise sources.DataError(f"dataset {name!r} has no 'image' feature of fixed shape; its features: {list(feats)}")
+  ncls = feats["label"].num_classes if "label" in feats else None
+  return Description(name, tuple(int(d) for d in feats["image"].shape), ncls, "image", None)

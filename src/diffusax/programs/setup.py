@@ -1,0 +1,208 @@
+"""What the programs share: the model set-up, the checkpointer, the EMA restore and the sampling job.
+
+    ModelSetup / model_setup(s, devices)   dataset description, mesh, network, abstract params, shardings
+    build_module(s, num_classes)           the Linen network of the settings
+    open_checkpointer(u, workdir)          WORKDIR/checkpoints
+    restore_ema(u, workdir, step)          the first EMA's params only (no optimizer, no training data)
+    job_spec / default_out_dir / run_sample_job   the sampling job of the settings
+    TraceCounts                            how often each jitted program function was traced
+
+`programs/train.py`, `sample.py` and `evaluate.py` import this module and never
+each other; nothing here imports them back. The model set-up reads the
+dataset's description (shape, classes: `data.registry.describe`), never a
+split, and builds no optimizer: the training program adds those
+(`train.setup`). No module-level mutable state: trace counts live in a
+`TraceCounts` the caller owns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffusax import checkpoint as ckpt_lib
+from diffusax.data import registry
+from diffusax.parallel import mesh as mesh_lib
+from diffusax.programs import settings as settings_lib
+from diffusax.programs.logs import Logger
+from diffusax.programs.settings import ConfigError, Settings
+from diffusax.sampling import job as job_lib
+
+# The state subtree sampling and evaluation use: state.ema_params[0], the first EMA.
+EMA_PART = ("ema_params", 0)
+
+
+class TraceCounts(dict):
+  """{name: times traced}; `wrap(name, fn)` counts each trace of `fn` under jit (tests read it)."""
+
+  def wrap(self, name: str, fn: Callable) -> Callable:
+    def wrapped(*a, **k):
+      self[name] = self.get(name, 0) + 1
+      return fn(*a, **k)
+    return wrapped
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSetup:
+  """Everything a program needs about the model before any device computation."""
+  s: Settings
+  mesh: Any
+  module: Any
+  schedule: Any
+  data: registry.Description
+  num_classes: int | None
+  sample_shape: tuple
+  abstract_params: Any      # ShapeDtypeStructs of the (unboxed) parameters.
+  param_shardings: Any
+  signature: dict
+  param_init: Any = None    # Jitted key -> boxed parameters (`make_param_init`); traced once per set-up.
+  sharding_summary: str = ""  # One line: which parameters are sharded and which replicated (logged once).
+
+
+def build_module(s: Settings, num_classes: int | None):
+  """The network of model.name with its model.<name>.* options; class count and dtype from the program."""
+  from diffusax import nn
+  kwargs = dict(s.model_kwargs)
+  kwargs["num_classes"] = num_classes if s.class_conditional else None
+  kwargs["dtype"] = jnp.bfloat16 if s.model_dtype == "bfloat16" else jnp.float32
+  if kwargs.get("low_res_channels", 0):
+    raise ConfigError(f"model.{s.model_name}.low_res_channels={kwargs['low_res_channels']}: a super-resolution "
+                      "network needs a low-resolution input, and no program feeds one yet; set it to 0")
+  try:
+    return nn.build(s.model_name, **kwargs)
+  except ValueError as e:  # nn.build's own refusal of unknown options.
+    raise ConfigError(f"model.{s.model_name}: {e}") from None
+
+
+def make_param_init(s: Settings, module, sample_shape: tuple):
+  """Jitted `key -> boxed params` of `module`, initialised on a batch of 2 zero examples of `sample_shape`
+  (t = 0.5, labels 0). One function object per set-up: its `eval_shape` (the abstract parameters) and
+  the state init that calls it share one trace of the network (jax caches the trace by function and
+  argument types), instead of tracing the forward pass twice."""
+  b = 2
+  x_shape, cond = (b,) + tuple(sample_shape), s.class_conditional
+
+  def param_init(k):
+    x = jnp.zeros(x_shape, jnp.float32)
+    t = jnp.full((b,), 0.5, jnp.float32)
+    y = jnp.zeros((b,), jnp.int32) if cond else None
+    return module.init({"params": k, "dropout": k}, x, t, y, train=False)["params"]
+
+  return jax.jit(param_init)
+
+
+def abstract_init(s: Settings, module, sample_shape: tuple, param_init=None):
+  """Boxed abstract parameters of `module` on examples of `sample_shape` (shapes only).
+
+  Only the network's own refusals become ConfigErrors: `nn.InputShapeError`
+  (it cannot take data of this shape) and `nn.OptionError` (its options
+  contradict each other, named with model.<name>); any other error is a bug
+  and propagates as it is.
+  """
+  from diffusax import nn
+  param_init = param_init or make_param_init(s, module, sample_shape)
+  try:
+    return param_init.eval_shape(jax.random.key(0))
+  except nn.InputShapeError as e:
+    raise ConfigError(f"model {s.model_name!r} cannot take data of shape {tuple(sample_shape)}: {e}") from None
+  except nn.OptionError as e:
+    raise ConfigError(f"model.{s.model_name} options: {e}") from None
+
+
+def describe_data(s: Settings) -> registry.Description:
+  try:
+    return registry.describe(s.data.name, s.data.data_dir)
+  except ValueError as e:  # data.sources.DataError
+    raise ConfigError(f"data: {e}") from None
+
+
+def model_setup(s: Settings, devices=None, data: registry.Description | None = None) -> ModelSetup:
+  """Validates the model settings and computes shapes and shardings; no device computation, no data read.
+
+  `devices`: the devices of the mesh (default all, over all processes); e.g. one
+  device to sample from or evaluate a checkpoint written on a larger mesh.
+  `data`: the dataset's description (default: `data.registry.describe`).
+  """
+  data = data or describe_data(s)
+  s = settings_lib.with_null_class(s, data.num_classes)
+  try:
+    mesh = mesh_lib.make_mesh(s.mesh_shape, devices)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+  module = build_module(s, data.num_classes)
+  param_init = make_param_init(s, module, data.shape)
+  boxed = abstract_init(s, module, data.shape, param_init)
+  abstract_params = mesh_lib.unbox(boxed)
+  return ModelSetup(s=s, mesh=mesh, module=module, schedule=s.schedule, data=data, num_classes=data.num_classes,
+                    sample_shape=tuple(data.shape), abstract_params=abstract_params,
+                    param_shardings=mesh_lib.param_shardings(boxed, mesh),
+                    signature=ckpt_lib.model_signature(abstract_params, s.model_settings()), param_init=param_init,
+                    sharding_summary=mesh_lib.sharding_summary(mesh_lib.placements(boxed, mesh), mesh))
+
+
+def open_checkpointer(u: ModelSetup, workdir: str, logger: Logger | None = None) -> ckpt_lib.Checkpointer:
+  s = u.s
+  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
+                               async_save=s.train.async_checkpoints,
+                               replicated_sharding=mesh_lib.replicated(u.mesh),
+                               log=logger.info if logger is not None else print,
+                               allow_unverified=s.train.allow_unverified_restore)
+
+
+def restore_ema(u: ModelSetup, workdir: str, step: int = -1, logger: Logger | None = None):
+  """(first EMA params on the mesh, checkpoint step) from WORKDIR/checkpoints.
+
+  Reads state.ema_params[0] alone (orbax partial restore): no parameters,
+  optimizer moments or other EMAs are read, and no optimizer is built. The
+  arrays are verified against the checksums recorded at save.
+  """
+  ckpt = open_checkpointer(u, workdir, logger)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ConfigError(f"no checkpoint in {ckpt.directory}; train first (--mode=train) or pass the run's --workdir")
+    if step >= 0 and step not in steps:
+      raise ConfigError(f"sample.checkpoint_step={step} is not in {ckpt.directory}; it has {sorted(steps)}")
+    step = max(steps) if step < 0 else step
+    abstract = ckpt_lib.abstract_like(u.abstract_params, u.param_shardings)
+    params, _ = ckpt.restore(abstract, u.signature, step=step, part=EMA_PART)
+  finally:
+    ckpt.close()
+  return params, int(step)
+
+
+def job_spec(u: ModelSetup, step: int, num_samples: int | None = None) -> job_lib.JobSpec:
+  s = u.s
+  ncls = u.num_classes if s.class_conditional else None
+  if ncls and s.sample.labels and not all(0 <= v < ncls for v in s.sample.labels):
+    raise ConfigError(f"sample.labels must lie in [0, {ncls}), got {list(s.sample.labels)}")
+  if not ncls and s.sample.labels:
+    raise ConfigError("sample.labels given but the model is unconditional")
+  return job_lib.JobSpec(num_samples=num_samples or s.sample.num_samples, shard_size=s.sample.shard_size,
+                         seed=s.sample.seed, method=s.sample.method, num_steps=s.sample.num_steps,
+                         eta=s.sample.eta, guidance_scale=s.sample.guidance_scale, labels=tuple(s.sample.labels),
+                         num_classes=ncls, checkpoint_step=step, sample_shape=tuple(u.sample_shape))
+
+
+def default_out_dir(workdir: str, spec: job_lib.JobSpec) -> str:
+  return os.path.join(workdir, "samples", f"step{spec.checkpoint_step}_{spec.method}{spec.num_steps}"
+                      f"_w{spec.guidance_scale:g}_seed{spec.seed}")
+
+
+def run_sample_job(u: ModelSetup, params, spec: job_lib.JobSpec, out_dir: str, logger: Logger,
+                   sample_fn=None) -> dict:
+  """Runs (or finishes) the job and writes its grid; returns the job's summary with the grid path.
+
+  `sample_fn`: `job_lib.make_sample_fn`'s function for `spec`, when the caller keeps one to reuse
+  (the same function object is jitted without retracing); default: a new one.
+  """
+  s = u.s
+  fn = sample_fn or job_lib.make_sample_fn(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class)
+  is_image = len(u.sample_shape) == 3
+  out = job_lib.run_job(fn, params, spec, out_dir, u.mesh, log=logger.info, is_image=is_image)
+  if jax.process_index() == 0:
+    out["grid"] = job_lib.write_grid(out_dir, s.sample.per_class, spec.num_classes, is_image)
+  return out
