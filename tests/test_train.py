@@ -58,6 +58,7 @@ def data_dir(tmp_path_factory):
     ("ema.decays", (1.5,), r"ema.decays must be .* in \[0, 1\)"),
     ("model.dtype", "float16", r"model.dtype must be 'float32' or 'bfloat16'"),
     ("train.batch_size", 0, r"train.batch_size must be a positive integer, got 0"),
+    ("model.mlp.learn_sigma", True, r"model.mlp.learn_sigma=True: .* no training loss trains them yet"),
 ])
 def test_bad_settings_are_refused(data_dir, key, value, match):
   with pytest.raises(ConfigError, match=match):

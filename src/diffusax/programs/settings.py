@@ -178,6 +178,10 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
   from diffusax import nn  # Deferred, like the samplers below.
   if c.model.name not in nn.NETWORKS:
     raise ConfigError(f"unknown model.name {c.model.name!r}; allowed: {sorted(nn.NETWORKS)}")
+  if c.model[c.model.name].get("learn_sigma", False):  # A declared field of the network's block.
+    raise ConfigError(f"model.{c.model.name}.learn_sigma=True: the network would output variance channels, "
+                      "but no training loss trains them yet (the hybrid L_simple + L_vlb loss is not "
+                      "implemented); set it to False")
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
   from diffusax.core import samplers  # Deferred: samplers are optional for parsing tests.
