@@ -1,8 +1,11 @@
 """From Flax `(module, variables)` to the callables the pure core consumes.
 
-The core only knows `denoise(x_t, t, cond) -> output` (diffusax.core);
-what the output means (its target name in `diffusax.core.targets.TARGETS`)
-stays with the caller, who trained the network for it.
+The core takes a `diffusax.core.Model(denoise, target, schedule, learned_variance)`:
+`denoise(x_t, t, cond) -> output` is built here, and what the output means (its
+target name in `diffusax.core.targets.TARGETS`, its schedule, whether it carries
+variance channels) comes from the caller, who trained the network for it:
+
+    model = core.Model(bridge.denoiser(module, {"params": params}), "eps", schedule)
 
   * `denoiser(module, variables)` -> denoise(x_t [B, ...], t scalar or [B],
     cond labels [B] or None) -> [B, ...] float32 (2x channels with learn_sigma;
