@@ -4,7 +4,7 @@ Denoisers share one call: `module.apply(variables, x, t, y=None, train=False)`
 (`rngs={"dropout": key}` with train=True), x [B, H, W, C] (MLP: [B, D]),
 t float [B] continuous in [0, 1], y int [B] in [0, num_classes] with row
 num_classes the null class, or None. Outputs are float32 with the shape of x
-(channels doubled with learn_sigma: [prediction | v]).
+(channels doubled with learn_sigma: [prediction | var_interp]).
 
   NETWORKS / build(name, **kwargs)   "unet", "dit", "mlp"
   NoisyClassifier                    logits for classifier guidance

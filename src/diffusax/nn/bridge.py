@@ -9,7 +9,7 @@ variance channels) comes from the caller, who trained the network for it:
 
   * `denoiser(module, variables)` -> denoise(x_t [B, ...], t scalar or [B],
     cond labels [B] or None) -> [B, ...] float32 (2x channels with learn_sigma;
-    `split_variance` separates [prediction | v]).
+    `split_variance` separates [prediction | var_interp]).
   * `classifier_log_prob(module, variables)` -> log_prob(x_t, t, labels) ->
     log p(labels | x_t, t) [B], for classifier guidance (its gradient in x_t).
 """
@@ -41,7 +41,7 @@ def denoiser(module: nn.Module, variables, *, train: bool = False, rngs=None) ->
 
 
 def split_variance(output):
-  """[..., 2C] -> (prediction [..., C], v [..., C]) for learn_sigma networks."""
+  """[..., 2C] -> (prediction [..., C], var_interp [..., C]) for learn_sigma networks."""
   if output.shape[-1] % 2:
     raise ValueError(f"learned-variance output needs an even channel count; got {output.shape[-1]}")
   return jnp.split(output, 2, axis=-1)

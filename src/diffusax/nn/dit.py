@@ -14,7 +14,7 @@ embeddings. The condition c = TimeEmbedding(t) [+ ClassEmbedding(y)]
 so every block starts as the identity ("adaLN-zero"); the final layer,
 LN(x)(1 + scale) + shift -> Dense(p p C_out), is zero-initialised too, so the
 network outputs exactly zero at init. Tokens are then folded back to
-[B, H, W, C_out]. With `learn_sigma`, C_out = 2 C: [prediction | v] as in
+[B, H, W, C_out]. With `learn_sigma`, C_out = 2 C: [prediction | var_interp] as in
 the U-Net (see `diffusax.nn.unet`).
 
 Published sizes (Table 1; 32x32x4 latents, p = 2, 1000 classes,
@@ -100,7 +100,7 @@ class DiT(nn.Module):
   num_heads: int = 6                     # attention heads (D divisible by it)
   mlp_ratio: float = 4.0                 # MLP hidden = mlp_ratio * D
   num_classes: int | None = None         # class table gets num_classes + 1 rows (null class)
-  learn_sigma: bool = False              # 2x output channels: [prediction | v]
+  learn_sigma: bool = False              # 2x output channels: [prediction | var_interp]
   out_channels: int | None = None        # None -> channels of x
   time_embedding: str = "sinusoidal"     # "sinusoidal" (of 1000 t) or "fourier" (of t)
   time_scale: float = 1000.0             # sinusoidal features see t * time_scale

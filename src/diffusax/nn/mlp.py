@@ -7,7 +7,7 @@
     h   = h + Dense(SiLU(Dense(SiLU(h)) + emb))      (depth times, residual)
     out = Dense(SiLU(h))                                           [B, D_out]
 
-D_out = D (x2 with learn_sigma: [prediction | v], as in the U-Net).
+D_out = D (x2 with learn_sigma: [prediction | var_interp], as in the U-Net).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class MLPDenoiser(nn.Module):
   hidden: int = 256                      # width of every hidden layer
   depth: int = 3                         # number of residual blocks
   num_classes: int | None = None         # class table gets num_classes + 1 rows (null class)
-  learn_sigma: bool = False              # 2x outputs: [prediction | v]
+  learn_sigma: bool = False              # 2x outputs: [prediction | var_interp]
   out_dim: int | None = None             # None -> D of x
   time_embedding: str = "sinusoidal"     # "sinusoidal" (of 1000 t) or "fourier" (of t)
   time_scale: float = 1000.0             # sinusoidal features see t * time_scale

@@ -17,8 +17,8 @@ h = GN(h) (1 + scale) + shift (ADM, `scale_shift_norm=True`).
 
 Learned variance (`learn_sigma=True`): 2 C_out output channels; [..., :C_out]
 is the target prediction, [..., C_out:] the raw improved-DDPM interpolation
-value v (about [-1, 1]), log Sigma = ((v + 1)/2) log beta + (1 - (v + 1)/2)
-log beta_tilde (Nichol & Dhariwal 2021, eq. 15) - the sampler maps it.
+value var_interp (about [-1, 1]; `core.Prediction.var_interp`), log Sigma = f log beta +
+(1 - f) log beta_tilde with f = (var_interp + 1)/2 (Nichol & Dhariwal 2021, eq. 15) - the sampler maps it.
 
 Super-resolution (`low_res_channels > 0`): the call kwarg `low_res`
 [B, h, w, low_res_channels] is resized bilinearly to H x W and concatenated to
@@ -199,7 +199,7 @@ class UNet(nn.Module):
   resblock_updown: bool = False            # BigGAN-style up/down ResBlocks
   conv_resample: bool = True               # stride-2 / upsample convs, else pool / nearest only
   scale_shift_norm: bool = True            # ADM scale-shift (True) or DDPM additive (False) time conditioning
-  learn_sigma: bool = False                # 2x output channels: [prediction | v]
+  learn_sigma: bool = False                # 2x output channels: [prediction | var_interp]
   time_embedding: str = "sinusoidal"       # "sinusoidal" (of 1000 t) or "fourier" (of t)
   time_scale: float = 1000.0               # sinusoidal features see t * time_scale
   fourier_scale: float = 16.0              # std of random Fourier frequencies
