@@ -60,8 +60,10 @@ def _sampler(m: Bound, t_at, kind: str, eta=None, variance: str = "small",
   def step(state, i, last=None):
     c = driver.row(state, i)
     lv = c["levels"]
-    x0, eps, var_interp = m.predict(state.x, lv.t, c["w"])
-    mean = lv.alpha_next * x0 + c["c_eps"] * eps
+    # mean = alpha_s x0_hat + c_eps eps_hat as one multiply-add of x and the network output (`Bound.combine`):
+    # two per-step scalars in the step's fused kernel, not the four of converting first.
+    out, var_interp = m.output(state.x, lv.t)
+    mean = m.combine(state.x, out, c["w"], lv.alpha_next, c["c_eps"])
     if kind == "ddim":
       if deterministic:  # A Python eta of 0: no per-step cond around a draw that never happens.
         return state._replace(x=mean)
