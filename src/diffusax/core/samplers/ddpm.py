@@ -68,6 +68,8 @@ def _sampler(m: Bound, t_at, kind: str, eta=None, variance: str = "small",
       if deterministic:  # A Python eta of 0: no per-step cond around a draw that never happens.
         return state._replace(x=mean)
       return state._replace(x=driver.add_noise(mean, c["std"], c["draw"], state.key, i))
+    if last is True:  # Peeled last step (`run`): the clean end, sigma_s = 0, so no draw at all.
+      return state._replace(x=mean)
     z = driver.noise(driver.step_key(state.key, i), state.x.shape)
     if var_interp is not None:
       frac = (var_interp + 1.0) / 2.0
@@ -75,7 +77,8 @@ def _sampler(m: Bound, t_at, kind: str, eta=None, variance: str = "small",
       return state._replace(x=mean + jnp.sqrt(var) * z)
     return state._replace(x=mean + c["std"] * z)
 
-  return driver.Sampler(init, step, stochastic=not deterministic)
+  # DDPM's last step draws nothing: `run` peels it off the loop (see `driver`), saving one normal draw.
+  return driver.Sampler(init, step, stochastic=not deterministic, peel_last=kind == "ddpm")
 
 
 def ddpm(m: Bound, *, variance: str = "small", spacing: str = "linspace", t_min=None, t_max=None):
