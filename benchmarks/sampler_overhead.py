@@ -1,32 +1,38 @@
-"""Per-step time of each sampler vs a bare lax.scan of the same arithmetic.
+"""Per-call time of each sampler against two hand-written `lax.scan` floors of the same computation.
 
-Trivial denoiser eps_hat = 0.1 x_t at batch 64x32x32x3 (float32, CPU). For each
-sampler the "floor" is a hand-written `lax.scan` over precomputed per-step
-coefficient arrays doing the same elementwise update with the same model calls
-(Heun: 2n - 1, its last step is the plain denoised mean) and the same noise
-draws (from fold_in(fold_in(key, i), sub) like `driver.step_key`), with no grid,
-schedule or target-conversion code. The ratio sampler / floor is the
-framework's overhead. The "+cfg" rows wrap a label-dependent denoiser in
-`guidance.cfg` (traced scale); their floor does the same doubled-batch call
-(concatenate [x; x] and [labels; null], split, combine). Run by hand:
+Trivial denoiser eps_hat = 0.1 x_t (`Model(den, "eps", schedule)`) at batch 64x32x32x3
+(float32, CPU); VP rows on `vp_cosine`, the flow rows on `flow`. Two floors per row:
 
-    .venv/bin/python benchmarks/sampler_overhead.py [--steps 100] [--repeats 15] [--methods heun,euler]
+  * "plain": what a user writes from the samplers' docstrings: a `lax.scan` over
+    i = 0 .. n - 2 whose body computes the step's grid point t_i, t_{i+1} and
+    alpha, sigma (log-SNR, SDE coefficients, ...) from the schedule's methods,
+    then the documented update; the last step (to the clean end) after the loop
+    returns x0_hat. No tables, no barriers. Its output is checked against the
+    sampler's (same model calls, same grid, same noise draws from
+    fold_in(fold_in(key, i), sub)), so both compute the same thing.
+  * "coef": the same elementwise updates on precomputed per-step coefficient arrays
+    (no grid or schedule code in the program at all); its numbers are not a sampler's.
 
-Each row is measured twice: with the step count traced (`jit(f)(x, key, n)`,
-one compiled program for every n) and static (`static_argnums`, as the
-programs and the sampling job call it, where samplers with a per-step `plan`
-tabulate their scalars before the loop; see `samplers.driver`). The floor is
-always static. Sampler and floor calls alternate one by one (the machine is
-shared and noisy); "ratio" compares the fastest call of each, "ratio_median"
-the medians. 100 steps by default: at 20 steps a call is about a millisecond
-and the ratios swing by +-0.2 between runs. Writes
-benchmarks/sampler_overhead.json (unless --methods picks a subset) and prints a table.
+The "+cfg" rows wrap a label-dependent denoiser in `guidance.cfg` (traced scale);
+their floors do the same doubled-batch call ([x; x], [labels; null], split, combine).
+
+Each row is timed with the step count static (`static_argnums`, as the programs
+and the sampling job call a sampler) and traced (`jit(f)(x, key, n)` with
+max_steps = n: one program for every n <= max_steps). The four calls of a row
+alternate in a shuffled order every round (the machine is shared and noisy);
+"ratio" is sampler median / floor median, "paired" the median and quartiles of
+the per-round ratios. Run by hand:
+
+    PYTHONPATH=src python benchmarks/sampler_overhead.py [--steps 50,200] [--budget 3] [--methods ddim,heun]
+
+Writes benchmarks/sampler_overhead.json (unless --methods picks a subset) and prints a table.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import time
 
 import jax
@@ -34,15 +40,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusax.core import guidance, samplers, schedules
+from diffusax.core.model import Model
 
 SHAPE = (64, 32, 32, 3)
 NULL = 10  # the "no label" value of the cfg rows
+RHO = 7.0
+SNR = 0.16
 den = lambda x, t, c: 0.1 * x
 den_c = lambda x, t, c: 0.1 * x * (1.0 + 0.01 * c.astype(jnp.float32)[:, None, None, None])  # label-dependent
-
-
-def _coef(n):
-  return [jnp.asarray(np.linspace(0.9, 0.1, n) + k * 0.01, jnp.float32) for k in range(4)]
+VP = schedules.get("vp_cosine")
+FLOW = schedules.get("flow")
+T_MIN, T_MAX = 1e-3, 1.0 - 1e-3  # the documented default ends on vp_cosine (grid.default_t_min/max)
 
 
 def _normal(key, i, sub=None):
@@ -52,14 +60,171 @@ def _normal(key, i, sub=None):
 
 
 def _guided(x, labels, w):
-  """What guidance.cfg computes around den_c: one call on the doubled batch, then eps_u + (1 + w)(...)."""
+  """What guidance.cfg computes around den_c: one call on the doubled batch, then out_c + w (out_c - out_u)."""
   b = x.shape[0]
   out = den_c(jnp.concatenate([x, x]), None, jnp.concatenate([labels, jnp.full_like(labels, NULL)]))
   oc, ou = out[:b], out[b:]
   return oc + w * (oc - ou)
 
 
-def floor_ddim(x, key, n, eps_fn=lambda x: den(x, None, None)):
+# ---------------------------------------------------------------------------------------------
+# "plain" floors: scalars computed in the scan body from the documented grid and schedule.
+
+def _frac(i, n):
+  return i.astype(jnp.float32) / (n - 1)
+
+
+def _t_linspace(i, n):
+  return T_MAX + (T_MIN - T_MAX) * _frac(i, n)
+
+
+def _t_karras(i, n, sch=VP):
+  s_max, s_min = sch.edm_sigma(T_MAX) ** (1 / RHO), sch.edm_sigma(T_MIN) ** (1 / RHO)
+  return sch.t_from_edm_sigma((s_max + (s_min - s_max) * _frac(i, n)) ** RHO)
+
+
+def _t_log_snr(i, n, sch=VP):
+  lo, hi = sch.log_snr(T_MAX), sch.log_snr(T_MIN)
+  return sch.t_from_log_snr(lo + (hi - lo) * _frac(i, n))
+
+
+def _t_trailing(i, n):
+  return T_MAX * (1.0 - i.astype(jnp.float32) / n)
+
+
+def _x0(x, eps, sch, t):
+  return (x - sch.sigma(t) * eps) / sch.alpha(t)
+
+
+def _scan(body, x, n):
+  return jax.lax.scan(lambda c, i: (body(c, i), None), x, jnp.arange(n - 1))[0]
+
+
+def plain_ddim(x, key, n, eps_fn=lambda x: den(x, None, None)):
+  """DDIM, eta = 0: x_s = alpha_s x0_hat + sigma_s eps_hat on the linspace grid."""
+  def body(x, i):
+    t, s = _t_linspace(i, n), _t_linspace(i + 1, n)
+    eps = eps_fn(x)
+    return VP.alpha(s) * _x0(x, eps, VP, t) + VP.sigma(s) * eps
+  x = _scan(body, x, n)
+  return _x0(x, eps_fn(x), VP, _t_linspace(jnp.int32(n - 1), n))
+
+
+def plain_ddpm(x, key, n):
+  """Ancestral DDPM (variance "small"): r = -expm1(lambda_t - lambda_s), mean alpha_s x0 + sigma_s sqrt(1-r) eps,
+  std sigma_s sqrt(r), z from fold_in(key, i)."""
+  def body(x, i):
+    t, s = _t_linspace(i, n), _t_linspace(i + 1, n)
+    r = -jnp.expm1(VP.log_snr(t) - VP.log_snr(s))
+    eps = den(x, None, None)
+    mean = VP.alpha(s) * _x0(x, eps, VP, t) + VP.sigma(s) * jnp.sqrt(1.0 - r) * eps
+    return mean + VP.sigma(s) * jnp.sqrt(r) * _normal(key, i)
+  x = _scan(body, x, n)
+  return _x0(x, den(x, None, None), VP, _t_linspace(jnp.int32(n - 1), n))
+
+
+def plain_euler(x, key, n, heun=False):
+  """EDM Euler / Heun in x~ = x / alpha, s = sigma / alpha, on the Karras grid; the last step returns D."""
+  def body(x, i):
+    t, tn = _t_karras(i, n), _t_karras(i + 1, n)
+    a, an = VP.alpha(t), VP.alpha(tn)
+    s, sn = VP.sigma(t) / a, VP.sigma(tn) / an
+    xs = x / a
+    d = (xs - _x0(x, den(x, None, None), VP, t)) / s
+    xn = xs + (sn - s) * d
+    if heun:
+      xi = an * xn
+      d1 = (xn - _x0(xi, den(xi, None, None), VP, tn)) / sn
+      xn = xs + (sn - s) * 0.5 * (d + d1)
+    return an * xn
+  x = _scan(body, x, n)
+  return _x0(x, den(x, None, None), VP, _t_karras(jnp.int32(n - 1), n))
+
+
+def plain_dpm(x, key, n, eps_fn=lambda x: den(x, None, None)):
+  """DPM-Solver++(2M) on the log-SNR grid, lambda = log_snr / 2."""
+  def body(carry, i):
+    x, prev = carry
+    t, tn, tp = _t_log_snr(i, n), _t_log_snr(i + 1, n), _t_log_snr(jnp.maximum(i - 1, 0), n)
+    h = 0.5 * (VP.log_snr(tn) - VP.log_snr(t))
+    h_prev = 0.5 * (VP.log_snr(t) - VP.log_snr(tp))
+    inv2r = jnp.where(i == 0, 0.0, 0.5 * h / h_prev)
+    x0 = _x0(x, eps_fn(x), VP, t)
+    d = (1.0 + inv2r) * x0 - inv2r * prev
+    return (VP.sigma(tn) / VP.sigma(t) * x - VP.alpha(tn) * jnp.expm1(-h) * d, x0)
+  x, _ = _scan(body, (x, jnp.zeros_like(x)), n)
+  return _x0(x, eps_fn(x), VP, _t_log_snr(jnp.int32(n - 1), n))
+
+
+def plain_flow(x, key, n, heun=False):
+  """Flow Euler / Heun on the trailing grid, u = alpha' x0_hat + sigma' eps_hat = eps_hat - x0_hat on `flow`."""
+  def u(x, t):
+    eps = den(x, None, None)
+    return eps - _x0(x, eps, FLOW, t)
+  def body(x, i):
+    t, tn = _t_trailing(i, n), _t_trailing(i + 1, n)
+    u0 = u(x, t)
+    xn = x + (tn - t) * u0
+    if heun:
+      xn = x + (tn - t) * 0.5 * (u0 + u(xn, tn))
+    return xn
+  x = _scan(body, x, n)
+  return _x0(x, den(x, None, None), FLOW, _t_trailing(jnp.int32(n - 1), n))
+
+
+def _em(x, t, s, key, i):
+  f, g2 = VP.sde(t)
+  score = -den(x, None, None) / VP.sigma(t)
+  return x - (f * x - g2 * score) * (t - s) + jnp.sqrt(g2 * (t - s)) * _normal(key, i, 0)
+
+
+def plain_em(x, key, n):
+  """Reverse-SDE Euler-Maruyama on the linspace grid: x_s = x - (f x - g^2 score) dt + g sqrt(dt) z."""
+  x = _scan(lambda x, i: _em(x, _t_linspace(i, n), _t_linspace(i + 1, n), key, i), x, n)
+  return _x0(x, den(x, None, None), VP, _t_linspace(jnp.int32(n - 1), n))
+
+
+def _bnorm(x):
+  return jnp.mean(jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1)))
+
+
+def _langevin(x, t, a, key, i):
+  """One corrector step: e = 2 a (snr ||z|| / ||score||)^2 (batch-mean norms), x + e score + sqrt(2 e) z."""
+  score = -den(x, None, None) / VP.sigma(t)
+  z = _normal(key, i, 1)
+  e = 2.0 * a * (SNR * _bnorm(z) / jnp.maximum(_bnorm(score), 1e-20)) ** 2
+  return x + e * score + jnp.sqrt(2.0 * e) * z
+
+
+def plain_pc(x, key, n):
+  """One Langevin corrector (a = (alpha_t / alpha_s)^2 on VP) then the Euler-Maruyama predictor."""
+  def body(x, i):
+    t, s = _t_linspace(i, n), _t_linspace(i + 1, n)
+    x = _langevin(x, t, (VP.alpha(t) / VP.alpha(s)) ** 2, key, i)
+    return _em(x, t, s, key, i)
+  x = _scan(body, x, n)
+  i = jnp.int32(n - 1)
+  t = _t_linspace(i, n)
+  x = _langevin(x, t, 1.0, key, i)
+  return _x0(x, den(x, None, None), VP, t)
+
+
+def plain_ddim_cfg(x, key, n, labels, w):
+  return plain_ddim(x, key, n, eps_fn=lambda x: _guided(x, labels, w))
+
+
+def plain_dpm_cfg(x, key, n, labels, w):
+  return plain_dpm(x, key, n, eps_fn=lambda x: _guided(x, labels, w))
+
+
+# ---------------------------------------------------------------------------------------------
+# "coef" floors: the same elementwise updates on precomputed per-step coefficient arrays.
+
+def _coef(n):
+  return [jnp.asarray(np.linspace(0.9, 0.1, n) + k * 0.01, jnp.float32) for k in range(4)]
+
+
+def coef_ddim(x, key, n, eps_fn=lambda x: den(x, None, None)):
   a, s, an, c = _coef(n)
   def body(x, i):
     eps = eps_fn(x)
@@ -68,7 +233,7 @@ def floor_ddim(x, key, n, eps_fn=lambda x: den(x, None, None)):
   return jax.lax.scan(body, x, jnp.arange(n))[0]
 
 
-def floor_ddpm(x, key, n):
+def coef_ddpm(x, key, n):
   a, s, an, c = _coef(n)
   def body(x, i):
     eps = den(x, None, None)
@@ -77,7 +242,7 @@ def floor_ddpm(x, key, n):
   return jax.lax.scan(body, x, jnp.arange(n))[0]
 
 
-def floor_euler(x, key, n, heun=False):
+def coef_euler(x, key, n, heun=False):
   a, s, an, c = _coef(n)
   def d(xs, i):
     xi = a[i] * xs
@@ -95,7 +260,7 @@ def floor_euler(x, key, n, heun=False):
   return d(x / a[n - 1], n - 1)  # Heun's last step: one call, the denoised mean
 
 
-def floor_dpm(x, key, n, x0_fn=lambda x, i, s, a: (x - s[i] * den(x, None, None)) / a[i]):
+def coef_dpm(x, key, n, x0_fn=lambda x, i, s, a: (x - s[i] * den(x, None, None)) / a[i]):
   a, s, an, c = _coef(n)
   def body(carry, i):
     x, prev = carry
@@ -105,7 +270,7 @@ def floor_dpm(x, key, n, x0_fn=lambda x, i, s, a: (x - s[i] * den(x, None, None)
   return jax.lax.scan(body, (x, jnp.zeros_like(x)), jnp.arange(n))[0][0]
 
 
-def floor_flow(x, key, n, heun=False):
+def coef_flow(x, key, n, heun=False):
   a, s, an, c = _coef(n)
   def u(x, i):
     eps = den(x, None, None)
@@ -122,7 +287,7 @@ def floor_flow(x, key, n, heun=False):
   return (x - s[n - 1] * den(x, None, None)) / a[n - 1]  # last step: x0_hat
 
 
-def floor_em(x, key, n):
+def coef_em(x, key, n):
   a, s, an, c = _coef(n)
   def body(x, i):
     score = -den(x, None, None) / s[i]
@@ -130,68 +295,77 @@ def floor_em(x, key, n):
   return jax.lax.scan(body, x, jnp.arange(n))[0]
 
 
-def _bnorm(x):
-  return jnp.mean(jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1)))
-
-
-def floor_pc(x, key, n):
-  """One Langevin corrector (batch-mean norms, snr 0.16) then Euler-Maruyama, as `sde.pc`."""
+def coef_pc(x, key, n):
   a, s, an, c = _coef(n)
   def body(x, i):
     score = -den(x, None, None) / s[i]
     z = _normal(key, i, 1)
-    e = 2.0 * an[i] * (0.16 * _bnorm(z) / jnp.maximum(_bnorm(score), 1e-20)) ** 2
+    e = 2.0 * an[i] * (SNR * _bnorm(z) / jnp.maximum(_bnorm(score), 1e-20)) ** 2
     x = x + e * score + jnp.sqrt(2.0 * e) * z
     score = -den(x, None, None) / s[i]
     return x - (a[i] * x - an[i] * score) * c[i] + s[i] * _normal(key, i, 0), None
   return jax.lax.scan(body, x, jnp.arange(n))[0]
 
 
-def floor_ddim_cfg(x, key, n, labels, w):
-  return floor_ddim(x, key, n, eps_fn=lambda x: _guided(x, labels, w))
+def coef_ddim_cfg(x, key, n, labels, w):
+  return coef_ddim(x, key, n, eps_fn=lambda x: _guided(x, labels, w))
 
 
-def floor_dpm_cfg(x, key, n, labels, w):
-  return floor_dpm(x, key, n, x0_fn=lambda x, i, s, a: (x - s[i] * _guided(x, labels, w)) / a[i])
+def coef_dpm_cfg(x, key, n, labels, w):
+  return coef_dpm(x, key, n, x0_fn=lambda x, i, s, a: (x - s[i] * _guided(x, labels, w)) / a[i])
 
 
-CASES = {  # row -> (method, schedule, floor, guided)
-    "ddim": ("ddim", schedules.VPLinear(), floor_ddim, False),
-    "ddpm": ("ddpm", schedules.VPLinear(), floor_ddpm, False),
-    "euler": ("euler", schedules.VPLinear(), floor_euler, False),
-    "heun": ("heun", schedules.VPLinear(), lambda x, k, n: floor_euler(x, k, n, heun=True), False),
-    "dpm_solver_pp_2m": ("dpm_solver_pp_2m", schedules.VPLinear(), floor_dpm, False),
-    "flow_euler": ("flow_euler", schedules.Flow(), floor_flow, False),
-    "flow_heun": ("flow_heun", schedules.Flow(), lambda x, k, n: floor_flow(x, k, n, heun=True), False),
-    "euler_maruyama": ("euler_maruyama", schedules.VPLinear(), floor_em, False),
-    "pc": ("pc", schedules.VPLinear(), floor_pc, False),
-    "ddim+cfg": ("ddim", schedules.VPLinear(), floor_ddim_cfg, True),
-    "dpm_solver_pp_2m+cfg": ("dpm_solver_pp_2m", schedules.VPLinear(), floor_dpm_cfg, True),
+CASES = {  # row -> (method, schedule, plain floor, coef floor, guided)
+    "ddim": ("ddim", VP, plain_ddim, coef_ddim, False),
+    "ddpm": ("ddpm", VP, plain_ddpm, coef_ddpm, False),
+    "euler": ("euler", VP, plain_euler, coef_euler, False),
+    "heun": ("heun", VP, lambda x, k, n: plain_euler(x, k, n, heun=True),
+             lambda x, k, n: coef_euler(x, k, n, heun=True), False),
+    "dpm_solver_pp_2m": ("dpm_solver_pp_2m", VP, plain_dpm, coef_dpm, False),
+    "flow_euler": ("flow_euler", FLOW, plain_flow, coef_flow, False),
+    "flow_heun": ("flow_heun", FLOW, lambda x, k, n: plain_flow(x, k, n, heun=True),
+                  lambda x, k, n: coef_flow(x, k, n, heun=True), False),
+    "euler_maruyama": ("euler_maruyama", VP, plain_em, coef_em, False),
+    "pc": ("pc", VP, plain_pc, coef_pc, False),
+    "ddim+cfg": ("ddim", VP, plain_ddim_cfg, coef_ddim_cfg, True),
+    "dpm_solver_pp_2m+cfg": ("dpm_solver_pp_2m", VP, plain_dpm_cfg, coef_dpm_cfg, True),
 }
 
 
-def _time_pair(fs, ff, args_s, args_f, repeats, budget_s=3.0):
-  """Seconds per call of fs and ff, alternating call by call: (min_s, median_s, min_f, median_f).
+def _time_group(fns: dict, repeats: int, budget_s: float, seed: int = 0) -> dict:
+  """Seconds per call of each (f, args) in `fns`, all called once per round in a shuffled order.
 
-  At least `repeats` pairs, more for cheap calls (up to about budget_s seconds in all).
+  At least `repeats` rounds, more for cheap calls (up to about budget_s seconds in all).
   """
   t0 = time.perf_counter()
-  jax.block_until_ready(fs(*args_s))
-  jax.block_until_ready(ff(*args_f))
+  for f, a in fns.values():
+    jax.block_until_ready(f(*a))
   once = time.perf_counter() - t0
-  ts, tf = [], []
-  for _ in range(max(repeats, min(500, int(budget_s / max(once, 1e-6))))):
-    for f, a, acc in ((fs, args_s, ts), (ff, args_f, tf)):
-      t0 = time.perf_counter()
+  rounds = max(repeats, min(400, int(budget_s / max(once, 1e-6))))
+  names, rng = list(fns), random.Random(seed)
+  out = {n: [] for n in names}
+  for _ in range(rounds):
+    rng.shuffle(names)
+    for n in names:
+      f, a = fns[n]
+      t1 = time.perf_counter()
       jax.block_until_ready(f(*a))
-      acc.append(time.perf_counter() - t0)
-  return min(ts), float(np.median(ts)), min(tf), float(np.median(tf))
+      out[n].append(time.perf_counter() - t1)
+  return {n: np.asarray(v) for n, v in out.items()}
+
+
+def _close(a, b, rel=1e-4):
+  """max |a - b| <= rel * max |b| (same computation up to float32 rounding of the per-step scalars)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  err, scale = float(np.max(np.abs(a - b))), float(np.max(np.abs(b)))
+  return err <= rel * scale, err / scale
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=100)
-  ap.add_argument("--repeats", type=int, default=15)
+  ap.add_argument("--steps", default="50,200", help="comma-separated step counts")
+  ap.add_argument("--repeats", type=int, default=9, help="minimum rounds per row")
+  ap.add_argument("--budget", type=float, default=3.0, help="seconds of timed calls per row and step count")
   ap.add_argument("--methods", default="", help="comma-separated rows (default: all; then the JSON is written)")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_overhead.json"))
   args = ap.parse_args()
@@ -199,36 +373,64 @@ def main():
   unknown = sorted(set(names) - set(CASES))
   if unknown:
     raise SystemExit(f"unknown rows {unknown}; allowed: {list(CASES)}")
+  steps = [int(s) for s in args.steps.split(",")]
   x = jax.random.normal(jax.random.key(0), SHAPE)
   key = jax.random.key(1)
   labels = jnp.arange(SHAPE[0], dtype=jnp.int32) % NULL
   w = jnp.float32(2.0)
   rows = {}
-  print(f"per-step ms at batch {SHAPE}, {args.steps} steps, >= {args.repeats} alternating calls "
-        f"({jax.devices()[0].platform})")
-  print(f"{'row':22s}{'n':>7s}{'sampler':>9s}{'floor':>9s}{'ratio':>7s}{'median':>8s}")
-  for name in names:
-    method, sch, floor, guided = CASES[name]
-    if guided:
-      f = lambda x, key, n, w, sch=sch, method=method: samplers.sample(
-          guidance.cfg(den_c, null_cond=NULL, scale=w), "eps", sch, x, method=method, num_steps=n, key=key,
-          cond=labels)
-      ff = jax.jit(lambda x, key, n, w, floor=floor: floor(x, key, n, labels, w), static_argnums=2)
-      extra = (w,)
-    else:
-      f = lambda x, key, n, sch=sch, method=method: samplers.sample(den, "eps", sch, x, method=method,
-                                                                    num_steps=n, key=key)
-      ff = jax.jit(floor, static_argnums=2)
-      extra = ()
-    a = (x, key, args.steps) + extra
-    for mode, fs in (("traced", jax.jit(f)), ("static", jax.jit(f, static_argnums=2))):
-      s_min, s_med, f_min, f_med = (1e3 * v / args.steps for v in _time_pair(fs, ff, a, a, args.repeats))
-      rows[f"{name} {mode}"] = {"sampler_ms_per_step": s_min, "floor_ms_per_step": f_min,
-                                "ratio": s_min / f_min, "ratio_median": s_med / f_med}
-      print(f"{name:22s}{mode:>7s}{s_min:9.3f}{f_min:9.3f}{s_min / f_min:7.2f}{s_med / f_med:8.2f}")
+  print(f"ms per call at batch {SHAPE}, >= {args.repeats} shuffled rounds, {args.budget:g} s per row "
+        f"({jax.devices()[0].platform}); ratio = sampler median / floor median [paired q25-q75]")
+  print(f"{'row':22s}{'n':>5s}{'static':>9s}{'traced':>9s}{'plain':>9s}{'coef':>9s}"
+        f"{'static/plain':>20s}{'traced/plain':>20s}{'static/coef':>13s}")
+  for n in steps:
+    for name in names:
+      method, sch, plain, coef, guided = CASES[name]
+      if guided:
+        def f(x, key, n, w, method=method, sch=sch, max_steps=None):
+          return samplers.sample(guidance.cfg(Model(den_c, "eps", sch), null_cond=NULL, scale=w), x, key=key,
+                                 method=method, num_steps=n, cond=labels, max_steps=max_steps)
+        floors = {k: jax.jit(lambda x, key, n, w, fl=fl: fl(x, key, n, labels, w), static_argnums=2)
+                  for k, fl in (("plain", plain), ("coef", coef))}
+        extra = (w,)
+      else:
+        def f(x, key, n, method=method, sch=sch, max_steps=None):
+          return samplers.sample(Model(den, "eps", sch), x, key=key, method=method, num_steps=n,
+                                 max_steps=max_steps)
+        floors = {k: jax.jit(fl, static_argnums=2) for k, fl in (("plain", plain), ("coef", coef))}
+        extra = ()
+      fns = {"static": (jax.jit(f, static_argnums=2), (x, key, n) + extra),
+             "traced": (jax.jit(lambda *a, f=f, n=n: f(*a, max_steps=n)), (x, key, jnp.int32(n)) + extra),
+             "plain": (floors["plain"], (x, key, n) + extra),
+             "coef": (floors["coef"], (x, key, n) + extra)}
+      ref = fns["static"][0](*fns["static"][1])
+      ok_p, err_p = _close(fns["plain"][0](*fns["plain"][1]), ref)
+      ok_t, err_t = _close(fns["traced"][0](*fns["traced"][1]), ref)
+      if not (ok_p and ok_t):
+        raise SystemExit(f"{name} n={n}: the floor does not compute the sampler's result "
+                         f"(relative max error plain {err_p:.2e}, traced {err_t:.2e})")
+      ts = _time_group(fns, args.repeats, args.budget)
+      med = {k: float(np.median(v)) for k, v in ts.items()}
+
+      def paired(k, floor="plain"):
+        r = ts[k] / ts[floor]
+        return [float(np.percentile(r, q)) for q in (25, 50, 75)]
+      row = {"ms": {k: 1e3 * v for k, v in med.items()},
+             "min_ms": {k: 1e3 * float(v.min()) for k, v in ts.items()},
+             "rounds": int(len(ts["plain"])),
+             "ratio_static_plain": med["static"] / med["plain"], "ratio_traced_plain": med["traced"] / med["plain"],
+             "ratio_static_coef": med["static"] / med["coef"], "ratio_traced_coef": med["traced"] / med["coef"],
+             "paired_static_plain_q25_q50_q75": paired("static"), "paired_traced_plain_q25_q50_q75": paired("traced"),
+             "floor_rel_err": err_p}
+      rows[f"{name} n={n}"] = row
+      ps, pt = row["paired_static_plain_q25_q50_q75"], row["paired_traced_plain_q25_q50_q75"]
+      print(f"{name:22s}{n:5d}{row['ms']['static']:9.2f}{row['ms']['traced']:9.2f}{row['ms']['plain']:9.2f}"
+            f"{row['ms']['coef']:9.2f}{row['ratio_static_plain']:8.2f} [{ps[0]:.2f}-{ps[2]:.2f}]"
+            f"{row['ratio_traced_plain']:8.2f} [{pt[0]:.2f}-{pt[2]:.2f}]{row['ratio_static_coef']:9.2f}", flush=True)
   if names == list(CASES):
     with open(args.out, "w") as fh:
-      json.dump({"shape": SHAPE, "steps": args.steps, "min_repeats": args.repeats, "rows": rows}, fh, indent=1)
+      json.dump({"shape": SHAPE, "steps": steps, "min_rounds": args.repeats, "budget_s": args.budget,
+                 "platform": jax.devices()[0].platform, "rows": rows}, fh, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -60,12 +60,16 @@ def _sampler(m: Bound, t_at, kind: str, eta=None, variance: str = "small",
   def step(state, i, last=None):
     c = driver.row(state, i)
     lv = c["levels"]
-    x0, eps, var_interp = m.predict(state.x, lv.t, c["w"])
-    mean = lv.alpha_next * x0 + c["c_eps"] * eps
+    # mean = alpha_s x0_hat + c_eps eps_hat as one multiply-add of x and the network output (`Bound.combine`):
+    # two per-step scalars in the step's fused kernel, not the four of converting first.
+    out, var_interp = m.output(state.x, lv.t)
+    mean = m.combine(state.x, out, c["w"], lv.alpha_next, c["c_eps"])
     if kind == "ddim":
       if deterministic:  # A Python eta of 0: no per-step cond around a draw that never happens.
         return state._replace(x=mean)
       return state._replace(x=driver.add_noise(mean, c["std"], c["draw"], state.key, i))
+    if last is True:  # Peeled last step (`run`): the clean end, sigma_s = 0, so no draw at all.
+      return state._replace(x=mean)
     z = driver.noise(driver.step_key(state.key, i), state.x.shape)
     if var_interp is not None:
       frac = (var_interp + 1.0) / 2.0
@@ -73,7 +77,8 @@ def _sampler(m: Bound, t_at, kind: str, eta=None, variance: str = "small",
       return state._replace(x=mean + jnp.sqrt(var) * z)
     return state._replace(x=mean + c["std"] * z)
 
-  return driver.Sampler(init, step, stochastic=not deterministic)
+  # DDPM's last step draws nothing: `run` peels it off the loop (see `driver`), saving one normal draw.
+  return driver.Sampler(init, step, stochastic=not deterministic, peel_last=kind == "ddpm")
 
 
 def ddpm(m: Bound, *, variance: str = "small", spacing: str = "linspace", t_min=None, t_max=None):

@@ -68,12 +68,15 @@ def _sampler(m: Bound, *, n_corrector: int = 0, snr=0.16, spacing: str = "linspa
         return x + e * score + jnp.sqrt(2.0 * e) * z
       x = jax.lax.fori_loop(0, n_corrector, corrector, x)
     x0, eps, _ = m.predict(x, lv.t, c["w"])
+    if last is True:  # Peeled last step (`run`): Tweedie's mean, no predictor draw.
+      return state._replace(x=x0)
     score = -eps * c["inv_sigma"]
     z = driver.noise(driver.step_key(state.key, i, 0), x.shape)
     x_next = x - c["f_dt"] * x + c["g2_dt"] * score + c["std"] * z
-    return state._replace(x=jnp.where(lv.last, x0, x_next))
+    return state._replace(x=x_next if last is False else jnp.where(lv.last, x0, x_next))
 
-  return driver.Sampler(init, step, stochastic=True)
+  # The last step returns x0_hat without the predictor's draw: `run` peels it off the loop (see `driver`).
+  return driver.Sampler(init, step, stochastic=True, peel_last=True)
 
 
 def euler_maruyama(m: Bound, *, spacing: str = "linspace", t_min=None, t_max=None):
