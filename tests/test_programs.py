@@ -207,18 +207,21 @@ def _parse_flags(*overrides):
 def test_every_network_option_is_a_command_line_flag_and_switching_network_works():
   import jax
   import jax.numpy as jnp
-  c = _parse_flags("--config.model.unet.learn_sigma=True", "--config.model.unet.out_channels=1")
+  c = _parse_flags("--config.model.unet.dropout=0.25", "--config.model.unet.out_channels=1")
   s = settings_lib.parse(c)
   m = setup_lib.build_module(s, 10)
-  assert m.learn_sigma and m.out_channels == 1 and m.base_channels == 32  # the config's own value kept
+  assert m.dropout == 0.25 and m.out_channels == 1 and m.base_channels == 32  # the config's own value kept
+  # learn_sigma is a flag too, refused by name until a loss trains the variance channels.
+  with pytest.raises(settings_lib.ConfigError, match="model.unet.learn_sigma=True"):
+    settings_lib.parse(_parse_flags("--config.model.unet.learn_sigma=True"))
   c = _parse_flags("--config.model.name=dit", "--config.model.dit.depth=1", "--config.model.dit.hidden_size=32",
-                   "--config.model.dit.num_heads=2", "--config.model.dit.learn_sigma=True")
+                   "--config.model.dit.num_heads=2", "--config.model.dit.out_channels=2")
   s = settings_lib.parse(c)
   m = setup_lib.build_module(s, 10)
   assert type(m).__name__ == "DiT" and m.depth == 1 and m.hidden_size == 32
   x, t, y = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,)), jnp.zeros((2,), jnp.int32)
   out = jax.eval_shape(lambda: m.apply(m.init(jax.random.key(0), x, t, y), x, t, y))
-  assert out.shape == (2, 8, 8, 2)  # learn_sigma doubles the channels
+  assert out.shape == (2, 8, 8, 2)  # out_channels=2 from the command line
   assert s.model_settings()["name"] == "dit" and s.model_settings()["kwargs"]["depth"] == 1
   with pytest.raises(Exception, match="widht"):
     _parse_flags("--config.model.unet.widht=3")
