@@ -54,8 +54,7 @@ def _sampler(m: Bound, t_at, kind: str, eta=None, variance: str = "small",
       c["std"] = jnp.sqrt(jnp.where(last, 0.0, large) if variance == "large" else small)
     return c
 
-  def init(x_T, key, n, max_steps):
-    return driver.init_state(x_T, key, n, max_steps, t_at, schedule, plan)
+  init = driver.tabulated_init(t_at, schedule, plan)
 
   def step(state, i, last=None):
     c = driver.row(state, i)

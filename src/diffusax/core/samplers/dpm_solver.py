@@ -30,9 +30,7 @@ def dpm_solver_pp_2m(m: Bound, *, spacing: str = "log_snr", t_min=None, t_max=No
     return dict(w=m.weights(lv.t), c_x=lv.sigma_next / lv.sigma, c_d=-lv.alpha_next * jnp.expm1(-h),
                 inv2r=inv2r)
 
-  def init(x_T, key, n, max_steps):
-    x = jnp.asarray(x_T, jnp.float32)
-    return driver.init_state(x, key, n, max_steps, t_at, m.schedule, plan, aux=jnp.zeros_like(x))
+  init = driver.tabulated_init(t_at, m.schedule, plan, aux=jnp.zeros_like)  # aux: the previous x0_hat
 
   def step(state, i, last=None):
     c = driver.row(state, i)

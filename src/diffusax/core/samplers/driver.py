@@ -77,6 +77,15 @@ def init_state(x_T, key, n, max_steps: int, t_at: Callable, schedule, plan: Opti
   return State(jnp.asarray(x_T, F32), key, n, aux, table)
 
 
+def tabulated_init(t_at: Callable, schedule, plan: Optional[Callable] = None,
+                   aux: Optional[Callable] = None) -> Callable:
+  """The `init(x_T, key, n, max_steps)` of a family: `init_state` with its grid and plan (aux(x) -> carry)."""
+  def init(x_T, key, n, max_steps):
+    x = jnp.asarray(x_T, F32)
+    return init_state(x, key, n, max_steps, t_at, schedule, plan, () if aux is None else aux(x))
+  return init
+
+
 def row(state: State, i) -> dict:
   """The per-step scalars of step i: row i of the state's table ({"levels": grid.Levels, ...})."""
   return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), state.table)

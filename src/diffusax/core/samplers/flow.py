@@ -36,8 +36,7 @@ def _sampler(m: Bound, heun: bool, *, spacing: str = "trailing", t_min=None, t_m
       c["w_next"], c["d_next"] = m.weights(t_c), (schedule.d_alpha(t_c), schedule.d_sigma(t_c))
     return c
 
-  def init(x_T, key, n, max_steps):
-    return driver.init_state(x_T, key, n, max_steps, t_at, schedule, plan)
+  init = driver.tabulated_init(t_at, schedule, plan)
 
   def velocity(x, t, w, d):
     """(u, x0_hat) from one network call; u = d_alpha x0_hat + d_sigma eps_hat."""

@@ -61,8 +61,7 @@ def _sampler(m: Bound, heun: bool, *, churn=0.0, s_tmin=0.0, s_tmax=float("inf")
       c["w_next"] = m.weights(jnp.where(lv.last, lv.t, lv.t_next))
     return c
 
-  def init(x_T, key, n, max_steps):
-    return driver.init_state(x_T, key, n, max_steps, t_at, schedule, plan)
+  init = driver.tabulated_init(t_at, schedule, plan)
 
   def step(state, i, last=None):
     c = driver.row(state, i)

@@ -53,8 +53,7 @@ def _sampler(m: Bound, *, n_corrector: int = 0, snr=0.16, spacing: str = "linspa
                          (lv.alpha / jnp.where(lv.last, 1.0, lv.alpha_next)) ** 2)
     return c
 
-  def init(x_T, key, n, max_steps):
-    return driver.init_state(x_T, key, n, max_steps, t_at, schedule, plan)
+  init = driver.tabulated_init(t_at, schedule, plan)
 
   def step(state, i, last=None):
     c = driver.row(state, i)
