@@ -134,6 +134,51 @@ def test_train_compiles_once_and_resumes_in_process(data_dir, tmp_path):
   assert traces["eval_bpd_vlb"] == traces["eval_bpd_ode"] == 1, traces
 
 
+def _digits_dit(data_dir, **over):
+  """The digits with a tiny DiT (a fast compile), flips read by 2 grain workers, batch 64: 22 batches
+  per epoch of the 1437 training digits."""
+  c = digits_config.get_config()
+  c.data.data_dir = data_dir
+  c.model.name = "dit"
+  for k, v in {"patch_size": 4, "hidden_size": 16, "depth": 1, "num_heads": 2, "frequency_dim": 16}.items():
+    c.model.dit[k] = v
+  vals = {"data.workers": 2, "data.prefetch": 2, "data.random_flip": True, "train.batch_size": 64,
+          "train.num_steps": 30, "train.log_every": 10, "train.ckpt_every": 10, "train.eval_every": 0,
+          "train.eval_batches": 1, "sample.num_steps": 2, "sample.per_class": 1, "sample.guidance_scale": 0.0,
+          **over}
+  for k, v in vals.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def test_resume_with_grain_workers_flips_and_an_epoch_boundary_is_bit_identical(data_dir, tmp_path):
+  """30 steps uninterrupted (2 workers) against a resume from its step-10 checkpoint alone (the later
+  ones deleted) to 30 with 1 worker: the epoch boundary (batch 22) and the flips of epoch 1 fall in
+  the resumed span."""
+  import shutil
+
+  import jax
+  ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+  train.train_and_evaluate(settings_lib.parse(_digits_dit(data_dir)), ref)
+  shutil.copytree(os.path.join(ref, "checkpoints"), os.path.join(cut, "checkpoints"))
+  for step in ("20", "30"):
+    shutil.rmtree(os.path.join(cut, "checkpoints", step))
+  out = train.train_and_evaluate(settings_lib.parse(_digits_dit(data_dir, **{"data.workers": 1})), cut)
+  assert out["step"] == 30
+  a, b = _restore_state(ref, 30), _restore_state(cut, 30)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  from diffusax import checkpoint
+  ck = checkpoint.Checkpointer(os.path.join(cut, "checkpoints"))
+  assert ck.read_meta(10)["data"]["batches"] == 10
+  assert ck.read_meta(30)["data"]["batches"] == 30 and ck.read_meta(30)["data"]["epoch"] == 1
+  ck.close()
+
+
 def test_checkpoint_from_another_model_is_refused(data_dir, tmp_path):
   from diffusax.checkpoint import CheckpointMismatch
   wd = str(tmp_path / "run")
@@ -205,6 +250,20 @@ main.run()
 """
 
 
+def _children(pid: int) -> list[int]:
+  """Live child processes of pid (Linux /proc)."""
+  out = []
+  for d in os.listdir("/proc"):
+    if d.isdigit():
+      try:
+        stat = open(f"/proc/{d}/stat").read()
+      except OSError:
+        continue
+      if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+        out.append(int(d))
+  return out
+
+
 def _kill_when_ready(p, ready: str, what: str, timeout: float = 300) -> None:
   deadline = time.time() + timeout
   while not os.path.exists(ready):
@@ -218,7 +277,7 @@ def _kill_when_ready(p, ready: str, what: str, timeout: float = 300) -> None:
 
 def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
   steps = 80
-  extra = ["--config.train.ckpt_every=20"]
+  extra = ["--config.train.ckpt_every=20", "--config.data.workers=2"]  # kill -9 with grain workers alive
   ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
   r = _main(_toy_args(data_dir, ref, steps, extra))
   assert r.returncode == 0, r.stderr[-2000:]
@@ -228,10 +287,20 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
   p = subprocess.Popen([sys.executable, "-c", _BLOCK_AT_SAVE, "60", ready, *_toy_args(data_dir, cut, steps, extra)],
                        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
+    deadline = time.time() + 300
+    while not os.path.exists(ready):
+      assert p.poll() is None and time.time() < deadline, "the child did not reach the save of step 60"
+      time.sleep(0.02)
+    workers = _children(p.pid)
+    assert len(workers) >= 2, workers  # the 2 grain workers (and multiprocessing's resource tracker)
     _kill_when_ready(p, ready, "the save of step 60")
   finally:
     if p.poll() is None:
       p.kill()
+  deadline = time.time() + 10  # the workers notice within ~1 s that their parent is gone, and exit
+  while any(os.path.exists(f"/proc/{w}") for w in workers) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not [w for w in workers if os.path.exists(f"/proc/{w}")], "grain workers outlived a kill -9"
   ck = os.path.join(cut, "checkpoints")
   assert sorted(int(d) for d in os.listdir(ck) if d.isdigit()) == [20, 40]
   r = _main(_toy_args(data_dir, cut, steps, extra))

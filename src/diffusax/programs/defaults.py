@@ -50,6 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split = "train"             # Training split.
   c.data.eval_split = "test"         # Held-out split for the eval loss ("" to skip).
   c.data.random_flip = False         # Random horizontal flips (images only).
+  c.data.random_crop = False         # Random square crops (area in [crop_min_scale, 1]) resized to image_size.
+  c.data.crop_min_scale = 0.5        # Smallest crop area, as a fraction of the largest square.
+  c.data.image_size = 0              # Model resolution: images are resized to it (0 = as stored).
+  c.data.workers = 0                 # grain worker processes for reading and augmenting (0 = this process).
+  c.data.prefetch = 2                # Batches read ahead (per worker when workers > 0; 0 = on demand).
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "vp_cosine"  # core.schedules.SCHEDULES name.

@@ -222,8 +222,7 @@ def _real_images(s: Settings, split: str, limit: int | None = None) -> np.ndarra
   except pipeline.DataError as e:  # Other failures keep their own type and traceback.
     raise ConfigError(f"eval: {e}") from None
   n = len(src) if limit is None else min(limit, len(src))
-  batch = pipeline.read(src, np.arange(n))
-  return np.asarray(batch["image"] if "image" in batch else batch["x"])
+  return pipeline.eval_images(src, n, s.data.image_size)
 
 
 

@@ -57,6 +57,11 @@ class DataSettings:
   split: str
   eval_split: str
   random_flip: bool
+  random_crop: bool = False
+  crop_min_scale: float = 0.5
+  image_size: int = 0
+  workers: int = 0
+  prefetch: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,13 +229,28 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
   ev = _parse_eval(c)
   return Settings(
       seed=int(c.seed),
-      data=DataSettings(name=c.data.name, data_dir=c.data.data_dir, split=c.data.split,
-                        eval_split=c.data.eval_split, random_flip=bool(c.data.random_flip)),
+      data=_parse_data(c),
       schedule_name=c.diffusion.schedule, schedule_kwargs=sched_kwargs, loss=loss,
       model_name=c.model.name, model_kwargs=dict(c.model[c.model.name]), model_dtype=c.model.dtype,
       class_conditional=bool(c.model.class_conditional), optim=optim, ema_decays=decays,
       ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape),
       mesh_strategy=c.mesh.strategy, eval=ev, mesh_ordered_reduction=bool(c.mesh.ordered_reduction))
+
+
+def _parse_data(c) -> DataSettings:
+  d = c.data
+  for key in ("workers", "prefetch", "image_size"):
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      raise ConfigError(f"data.{key} must be an integer >= 0, got {v!r}")
+  if 0 < d.image_size < 4:
+    raise ConfigError(f"data.image_size must be 0 (as stored) or >= 4, got {d.image_size}")
+  if not 0.0 < float(d.crop_min_scale) <= 1.0:
+    raise ConfigError(f"data.crop_min_scale must be in (0, 1], got {d.crop_min_scale}")
+  return DataSettings(name=d.name, data_dir=d.data_dir, split=d.split, eval_split=d.eval_split,
+                      random_flip=bool(d.random_flip), random_crop=bool(d.random_crop),
+                      crop_min_scale=float(d.crop_min_scale), image_size=int(d.image_size),
+                      workers=int(d.workers), prefetch=int(d.prefetch))
 
 
 def _parse_eval(c) -> EvalSettings:

@@ -113,10 +113,19 @@ def abstract_init(s: Settings, module, sample_shape: tuple, param_init=None):
 
 
 def describe_data(s: Settings) -> registry.Description:
+  """The dataset's description, its shape at data.image_size when that is set (images are resized)."""
   try:
-    return registry.describe(s.data.name, s.data.data_dir)
+    d = registry.describe(s.data.name, s.data.data_dir)
   except ValueError as e:  # data.sources.DataError
     raise ConfigError(f"data: {e}") from None
+  if d.transform != "image":
+    used = [k for k in ("image_size", "random_crop", "random_flip") if getattr(s.data, k)]
+    if used:
+      raise ConfigError(f"data.{used[0]} applies to image datasets; {s.data.name!r} holds vectors of shape {d.shape}")
+    return d
+  if s.data.image_size:
+    d = dataclasses.replace(d, shape=(s.data.image_size, s.data.image_size, d.shape[-1]))
+  return d
 
 
 def model_setup(s: Settings, devices=None, data: registry.Description | None = None) -> ModelSetup:

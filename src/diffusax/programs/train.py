@@ -149,12 +149,15 @@ def init_state(u: Setup):
   return u.init_fn(jax.random.key(u.s.seed))
 
 
-def make_iterator(u: Setup, split: str | None = None, seed_offset: int = 0, source=None):
+def make_iterator(u: Setup, seed_offset: int = 0, source=None, *, train: bool = True) -> pipeline.Loader:
+  """This process' batches of the training source (or `source`), augmented when `train`, through grain
+  with data.workers / data.prefetch (evaluation reads in this process: a few batches)."""
   s = u.s
-  transform = pipeline.TRANSFORMS[u.data.transform](random_flip=s.data.random_flip)
-  return pipeline.BatchIterator(source if source is not None else u.source, s.train.batch_size,
-                                seed=s.seed + seed_offset, process_index=jax.process_index(),
-                                process_count=jax.process_count(), transform=transform)
+  transform = pipeline.make_transform(u.data.transform, s.data, train=train)
+  return pipeline.Loader(source if source is not None else u.source, s.train.batch_size,
+                         seed=s.seed + seed_offset, process_index=jax.process_index(),
+                         process_count=jax.process_count(), transform=transform,
+                         workers=s.data.workers if train else 0, prefetch=s.data.prefetch if train else 0)
 
 
 def to_global(batch: dict, mesh) -> dict:
@@ -199,11 +202,12 @@ def make_generator(u: Setup):
 def evaluate_loss(u: Setup, eval_fn, params, eval_source) -> float:
   if eval_source is None or u.s.train.eval_batches == 0:
     return float("nan")
-  it = make_iterator(u, source=eval_source, seed_offset=1)
+  it = make_iterator(u, source=eval_source, seed_offset=1, train=False)
   vals = []
   for i in range(min(u.s.train.eval_batches, it.batches_per_epoch)):
     batch = to_global(next(it), u.mesh)
     vals.append(eval_fn(params, batch, jax.random.fold_in(jax.random.key(u.s.seed + 1), i)))
+  it.close()
   return float(np.mean([float(v) for v in vals]))
 
 
@@ -359,6 +363,7 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
         write_samples(u, ema, done, workdir, logger, gen)
         if evaluator is not None:
           evaluator.evaluate(ema, done, workdir, logger)
+  it.close()  # grain's workers stop here; the position is kept for the final save.
   state = runner.from_run(run_state)
   if int(state.step) != start or ckpt.latest_step() != int(state.step):
     save(state)
