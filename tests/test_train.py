@@ -59,6 +59,9 @@ def data_dir(tmp_path_factory):
     ("model.dtype", "float16", r"model.dtype must be 'float32' or 'bfloat16'"),
     ("train.batch_size", 0, r"train.batch_size must be a positive integer, got 0"),
     ("model.mlp.learn_sigma", True, r"model.mlp.learn_sigma=True: .* no training loss trains them yet"),
+    ("data.workers", -1, r"data.workers must be an integer >= 0, got -1"),
+    ("data.prefetch", -2, r"data.prefetch must be an integer >= 0, got -2"),
+    ("data.crop_min_scale", 0.0, r"data.crop_min_scale must be in \(0, 1\], got 0.0"),
 ])
 def test_bad_settings_are_refused(data_dir, key, value, match):
   with pytest.raises(ConfigError, match=match):
@@ -82,6 +85,7 @@ def test_unknown_config_key_names_nearest():
                              r"'model.mlp.hidden'"),
     ({"model.mlp.time_embedding": "wavelet"}, r"model.mlp options: unknown time_embedding 'wavelet'"),
     ({"train.full_eval": True}, r"fd/kid on this dataset need Inception features: set eval.inception_weights"),
+    ({"data.image_size": 16}, r"data.image_size applies to image datasets; 'toy_gmm2d' holds vectors of shape \(2,\)"),
 ])
 def test_setup_refuses_before_device_work(data_dir, tmp_path, over, match):
   traces = train.TraceCounts()

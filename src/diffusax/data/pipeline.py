@@ -28,13 +28,15 @@ from diffusax.data.sources import ArraySource, CachedSource, DataError, read, to
 EMBEDDED = registry.EMBEDDED
 
 
-def open_source(name: str, split: str, data_dir: str, *, cache_max_examples: int = 200_000):
+def open_source(name: str, split: str, data_dir: str, *, cache_max_bytes: int = 256 << 20):
   """Opens dataset `name`/`split` from `data_dir`. Raises DataError with what to do.
 
   DataError says which of these it is: an unknown name (with the nearest
   registered ones), a name TFDS cannot construct (a bad version or config, with
   TFDS' reason), a dataset not prepared in data_dir, a data_dir that is a file,
   or a missing split. Any other failure propagates unchanged, with its cause.
+  A split whose decoded examples fit in `cache_max_bytes` is read once into memory (CachedSource:
+  no decoding per step; grain's workers each get a copy); larger ones are decoded as they are read.
   """
   data_dir = os.path.expanduser(data_dir)
   entry = EMBEDDED.get(name)
@@ -69,9 +71,14 @@ def open_source(name: str, split: str, data_dir: str, *, cache_max_examples: int
   if split not in builder.info.splits:
     raise DataError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
   source = builder.as_data_source(split=split)
-  if len(source) <= cache_max_examples:
+  if len(source) and len(source) * _example_bytes(source) <= cache_max_bytes:
     source = CachedSource(source)
   return source
+
+
+def _example_bytes(source) -> int:
+  """Decoded bytes of one example (the first)."""
+  return sum(np.asarray(v).nbytes for v in source[0].values())
 
 
 def _check_data_dir(data_dir: str) -> None:
