@@ -23,7 +23,7 @@ SIZE = 16
 CLASSES = ("zebra", "apple", "Mango")  # Created in this order; ImageFolder labels sort them by code point.
 SHAPES = [(23, 31), (40, 17), (16, 16), (10, 12), (97, 61), (33, 33), (18, 50)]  # (w, h); (10, 12) is upscaled.
 EXIF_ROTATED = "apple/rotated.jpg"  # EXIF orientation 6: shown rotated 90 degrees clockwise.
-BAD = {"apple/broken.jpg", "zebra/readme.txt"}
+BAD = {"apple/broken.jpg", "zebra/readme.txt", "stray.png"}  # stray.png: outside the class folders.
 
 
 def _write_folder(root):
@@ -53,6 +53,7 @@ def _write_folder(root):
   open(os.path.join(root, "apple", "broken.jpg"), "wb").write(buf[:len(buf) // 2])  # Truncated JPEG.
   open(os.path.join(root, "zebra", "readme.txt"), "w").write("not an image\n")
   open(os.path.join(root, "Mango", ".DS_Store"), "wb").write(b"\0\1junk")  # Hidden: ignored.
+  Image.new("RGB", (20, 20)).save(os.path.join(root, "stray.png"))
 
 
 def _good_files(root):
@@ -268,6 +269,9 @@ def test_a_killed_build_leaves_nothing_that_opens_and_is_cleaned_by_the_next(fol
     os.link(os.path.join(folder, "zebra", f), no_bad / f)
   s = prepare.prepare(str(no_bad), "killed", SIZE, data_dir, test_fraction=0.0)
   assert os.listdir(data_dir) == ["killed"] and s["num_examples"] == {"train": 3}
+  os.remove(no_bad / "img00.png")
+  s = prepare.prepare(str(no_bad), "killed", SIZE, data_dir, test_fraction=0.0, overwrite=True)
+  assert os.listdir(data_dir) == ["killed"] and len(pipeline.open_source("killed", "train", data_dir)) == 2
 
 
 def test_trains_end_to_end_on_the_built_dataset(built, tmp_path):
@@ -277,7 +281,7 @@ def test_trains_end_to_end_on_the_built_dataset(built, tmp_path):
   from diffusax.programs import train
   c = digits_config.get_config()
   over = {"data.name": "my_pets", "data.data_dir": built["data_dir"], "model.unet.base_channels": 8,
-          "model.unet.channel_mult": (1, 2), "model.unet.attn_resolutions": (), "model.unet.num_res_blocks": 1,
+          "model.unet.channel_mult": (1,), "model.unet.attn_resolutions": (), "model.unet.num_res_blocks": 1,
           "model.unet.num_groups": 4, "train.batch_size": 8, "train.num_steps": 3, "train.log_every": 1,
           "train.eval_batches": 1,
           "sample.num_steps": 2, "sample.per_class": 1, "sample.guidance_scale": 2.0}

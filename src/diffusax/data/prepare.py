@@ -168,9 +168,10 @@ def _reason(e: BaseException) -> str:
 
 
 def encode(image: np.ndarray, encoding: str) -> bytes:
-  """PNG (lossless) or JPEG (quality JPEG_QUALITY, 4:4:4: no chroma subsampling) bytes of a uint8 [H, W, 3] array."""
+  """PNG (lossless; zlib level 1: half the time of level 6 for ~5% more bytes on photos) or JPEG
+  (quality JPEG_QUALITY, 4:4:4: no chroma subsampling) bytes of a uint8 [H, W, 3] array."""
   buf = io.BytesIO()
-  kwargs = {"quality": JPEG_QUALITY, "subsampling": 0} if encoding == "jpeg" else {"compress_level": 6}
+  kwargs = {"quality": JPEG_QUALITY, "subsampling": 0} if encoding == "jpeg" else {"compress_level": 1}
   Image.fromarray(image).save(buf, format=ENCODINGS[encoding], **kwargs)
   return buf.getvalue()
 
@@ -433,6 +434,9 @@ def main(argv: list[str] | None = None) -> dict:
   from absl import flags, logging
   argv = sys.argv if argv is None else argv
   fv = _define_flags()
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+    print("\n\n".join(__doc__.split("\n\n")[:2]) + "\n\n" + fv.get_help(include_special_flags=False))
+    sys.exit(0)
   try:
     rest = fv(argv)
   except flags.Error as e:
@@ -447,7 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
     _error(e)
   n = sum(s["num_examples"].values())
   classes = f"{len(s['class_names'])} classes" if s["class_names"] is not None else "unlabelled"
-  print(f"prepared {s['name']}: {s['num_examples']}, {classes}, {len(s['skipped'])} skipped, "
+  counts = ", ".join(f"{k} {v}" for k, v in s["num_examples"].items())
+  print(f"prepared {s['name']}: {counts}, {classes}, {len(s['skipped'])} skipped, "
         f"{n / max(s['seconds'], 1e-9):.0f} images/s -> {os.path.join(os.path.abspath(os.path.expanduser(fv.data_dir)), s['name'])}\n"
         f"train with --config.data.name={s['name']} --config.data.data_dir={fv.data_dir}")
   return s

@@ -99,7 +99,9 @@ def describe(name: str, data_dir: str) -> Description:
     return Description(name, tuple(entry.shape), entry.num_classes, entry.transform, entry.features)
   import tensorflow_datasets as tfds
   try:
-    builder = prepared_builder(name, data_dir) or tfds.builder(name, data_dir=os.path.expanduser(data_dir))
+    builder = prepared_builder(name, data_dir)
+    if builder is None:
+      builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir))
     feats = builder.info.features
   except Exception as e:  # noqa: BLE001 - TFDS raises DatasetNotFoundError and friends.
     raise sources.DataError(f"unknown dataset {name!r}: TFDS says {type(e).__name__}: {str(e).splitlines()[0]}. "
