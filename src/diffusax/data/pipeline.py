@@ -45,6 +45,8 @@ def open_source(name: str, split: str, data_dir: str, *, cache_max_bytes: int = 
   _check_data_dir(data_dir)
   if entry is not None:
     builder = entry.builder(data_dir)
+  elif (prepared := registry.prepared_builder(name, data_dir)) is not None:  # python -m diffusax.data.prepare
+    builder = prepared
   else:
     import tensorflow_datasets as tfds
     try:

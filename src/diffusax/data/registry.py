@@ -1,6 +1,7 @@
 """The embedded datasets: served without TFDS' registry, each with what the programs need to know.
 
     EMBEDDED[name] -> Embedded        "sklearn_digits", "toy_gmm2d"
+    prepared_builder(name, data_dir) -> builder | None   a folder of images built by data/prepare.py
     describe(name, data_dir) -> Description   shape, classes, transform and eval features of any dataset
 
 An entry gives the dataset's example shape (the model input x of one example),
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable
 
 from diffusax.data import sources
@@ -53,6 +55,30 @@ EMBEDDED: dict[str, Embedded] = {
 }
 
 
+# Written by `python -m diffusax.data.prepare` into DATA_DIR/NAME/VERSION as the build's last step.
+PREPARED_MARKER = "diffusax_prepare.json"
+
+
+def prepared_builder(name: str, data_dir: str):
+  """The read-only TFDS builder of dataset `name` made by data/prepare.py in data_dir, or None.
+
+  Looks for data_dir/name/<version>/diffusax_prepare.json (the highest version that has one) and
+  opens that directory with `tfds.builder_from_directory`; TFDS' registry is not consulted.
+  """
+  if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    return None
+  from etils import epath
+  root = epath.Path(os.path.expanduser(data_dir)) / name
+  try:
+    found = [d for d in root.iterdir() if re.fullmatch(r"\d+\.\d+\.\d+", d.name) and (d / PREPARED_MARKER).exists()]
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+  if not found:
+    return None
+  import tensorflow_datasets as tfds
+  return tfds.builder_from_directory(max(found, key=lambda d: tuple(int(v) for v in d.name.split("."))))
+
+
 @dataclasses.dataclass(frozen=True)
 class Description:
   """What a program needs to know about a dataset before reading any example."""
@@ -73,7 +99,10 @@ def describe(name: str, data_dir: str) -> Description:
     return Description(name, tuple(entry.shape), entry.num_classes, entry.transform, entry.features)
   import tensorflow_datasets as tfds
   try:
-    feats = tfds.builder(name, data_dir=os.path.expanduser(data_dir)).info.features
+    builder = prepared_builder(name, data_dir)
+    if builder is None:
+      builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir))
+    feats = builder.info.features
   except Exception as e:  # noqa: BLE001 - TFDS raises DatasetNotFoundError and friends.
     raise sources.DataError(f"unknown dataset {name!r}: TFDS says {type(e).__name__}: {str(e).splitlines()[0]}. "
                      f"Embedded datasets: {list(EMBEDDED)}") from None
