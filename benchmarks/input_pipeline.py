@@ -89,7 +89,7 @@ def folder_case(args, tmp: str) -> dict:
   subprocess.run([sys.executable, "-m", "diffusax.data.prepare", f"--images={folder}", "--name=bench_photos256",
                   "--size=256", f"--data_dir={data_dir}", "--encoding=jpeg"], check=True, stdout=subprocess.DEVNULL)
   build_s = time.perf_counter() - t
-  source = registry.local_builder("bench_photos256", data_dir).as_data_source(split="train")  # uncached
+  source = registry.prepared_builder("bench_photos256", data_dir).as_data_source(split="train")  # uncached
   tf = pipeline.ImageTransform(image_size=64, random_flip=True, random_crop=True, crop_min_scale=0.35)
   out = {"examples": len(source), "build_s": build_s, "batch": args.batch, "images_per_s": {}}
   for rep in range(args.repeats):

@@ -96,6 +96,15 @@ def test_setup_refuses_before_device_work(data_dir, tmp_path, over, match):
   assert not (tmp_path / "w").exists(), "nothing may be written for a refused config"
 
 
+def test_an_eval_split_smaller_than_a_batch_is_refused_before_training(data_dir, tmp_path):
+  c = digits_config.get_config()
+  c.data.data_dir = data_dir
+  c.train.batch_size = 400  # 1437 train digits, 360 test
+  with pytest.raises(ConfigError, match=r"data.eval_split 'test' has 360 examples, fewer than one batch"):
+    train.train_and_evaluate(settings_lib.parse(c), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
 def test_image_size_the_unet_cannot_take(data_dir, tmp_path):
   c = digits_config.get_config()
   c.data.data_dir = data_dir

@@ -91,6 +91,15 @@ def setup(s: Settings, devices=None, traces: TraceCounts | None = None) -> Setup
     raise ConfigError(f"mesh: {e}") from None
   if m.s.train.batch_size > len(source):
     raise ConfigError(f"train.batch_size {m.s.train.batch_size} exceeds the {len(source)} training examples")
+  if s.data.eval_split and s.train.eval_batches:
+    try:
+      n_eval = len(pipeline.open_source(s.data.name, s.data.eval_split, s.data.data_dir))
+    except pipeline.DataError as e:
+      raise ConfigError(f"data.eval_split: {e}") from None
+    if m.s.train.batch_size > n_eval:
+      raise ConfigError(f"data.eval_split {s.data.eval_split!r} has {n_eval} examples, fewer than one batch "
+                        f"(train.batch_size {m.s.train.batch_size}): the eval loss needs a full batch; set "
+                        f"train.eval_batches=0 or data.eval_split='' to skip it, or a smaller batch")
   return for_training(m, source, traces)
 
 
