@@ -1,6 +1,6 @@
 """The embedded datasets: served without TFDS' registry, each with what the programs need to know.
 
-    EMBEDDED[name] -> Embedded        "sklearn_digits", "toy_gmm2d"
+    EMBEDDED[name] -> Embedded        "sklearn_digits", "photos", "photos64", "toy_gmm2d"
     prepared_builder(name, data_dir) -> builder | None   a folder of images built by data/prepare.py
     describe(name, data_dir) -> Description   shape, classes, transform and eval features of any dataset
 
@@ -8,7 +8,8 @@ An entry gives the dataset's example shape (the model input x of one example),
 its number of classes, its batch transform (a `pipeline.TRANSFORMS` name:
 "image" maps uint8 [B, H, W, C] to float32 in [-1, 1], "vector" passes float
 points through) and its evaluation features for fd/kid ("digits": the digits
-classifier of evaluation/digits_classifier.py; None: the FID Inception
+classifier of evaluation/digits_classifier.py; "photos": that of
+evaluation/photos_classifier.py; None: the FID Inception
 network, as for every TFDS image dataset). Shapes and classes come without
 opening a split, so sampling and evaluation never read the training data.
 """
@@ -32,7 +33,7 @@ class Embedded:
   shape: tuple                   # One example's model input x, e.g. (8, 8, 1) or (2,).
   num_classes: int | None        # Label classes (None: unlabelled).
   transform: str                 # pipeline.TRANSFORMS name: "image" or "vector".
-  features: str | None           # fd/kid features: "digits" (digits classifier) or None (Inception).
+  features: str | None           # fd/kid features: "digits"/"photos" (evaluation.CLASSIFIERS) or None (Inception).
   description: str
   source: Callable[[str], Any] | None = None
   builder: Callable[[str], Any] | None = None
@@ -43,11 +44,28 @@ def _digits_builder(data_dir: str):
   return digits.prepare(data_dir)
 
 
+def _photos_builder(size: int):
+  def build(data_dir: str):
+    from diffusax.data import photos  # Deferred: imports tensorflow_datasets and scikit-image.
+    return photos.prepare(data_dir, size)
+  return build
+
+
 EMBEDDED: dict[str, Embedded] = {
     "sklearn_digits": Embedded(
         shape=(8, 8, 1), num_classes=10, transform="image", features="digits",
         description="scikit-learn's 8x8 grey digits, 1437 train / 360 test (data/digits.py)",
         builder=_digits_builder),
+    "photos": Embedded(
+        shape=(32, 32, 3), num_classes=10, transform="image", features="photos",
+        description="32x32 RGB crops of 11 photographs bundled with scikit-image/scikit-learn, label = photograph, "
+                    "4000 train / 1000 test, test crops from a held-out band (data/photos.py)",
+        builder=_photos_builder(32)),
+    "photos64": Embedded(
+        shape=(64, 64, 3), num_classes=10, transform="image", features="photos",
+        description="64x64 RGB crops of the same photographs, 4000 train / 1000 test (data/photos.py); "
+                    "fd/kid features: the photos classifier on 2x2-mean 32x32 images",
+        builder=_photos_builder(64)),
     "toy_gmm2d": Embedded(
         shape=(2,), num_classes=8, transform="vector", features=None,
         description="65536 points of 8 Gaussians (std 0.1) on a circle of radius 2; label = mode",

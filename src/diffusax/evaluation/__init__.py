@@ -1,7 +1,8 @@
-"""Evaluation: feature distances, the digits evaluation classifier, Inception-v3 features.
+"""Evaluation: feature distances, the digits and photos evaluation classifiers, Inception-v3 features.
 
   distances          Fréchet distance and KID from any [N, D] features
   digits_classifier  a small classifier for the embedded 8x8 digits (features + class accuracy)
+  photos_classifier  the same for the embedded RGB photos (32x32; photos64 reduced to 32x32)
   inception          the FID Inception-v3 network in Flax and its weight converter
 
 Both likelihood routes (VLB and probability-flow ODE bits/dim) are pure JAX in `diffusax.core.likelihood`.

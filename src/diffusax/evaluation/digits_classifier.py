@@ -134,8 +134,10 @@ def load_or_train(data_dir: str, seed: int = 0, log=print):
   return params, {**info, "path": path}
 
 
-def real_halves(data_dir: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def real_halves(data_dir: str, seed: int = 0, name: str = "sklearn_digits") -> tuple[np.ndarray, np.ndarray]:
   """All 1797 real digits (train + test, uint8) split into two random halves (A: 899, B: 898)."""
+  if name != "sklearn_digits":
+    raise ValueError(f"the digits classifier's real halves are those of sklearn_digits, not {name!r}")
   a, _ = load_split(data_dir, "train")
   b, _ = load_split(data_dir, "test")
   x = np.concatenate([a, b])

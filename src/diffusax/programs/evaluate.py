@@ -5,8 +5,9 @@
 
 Metrics (eval.metrics):
   fd, kid          Fréchet distance and KID of eval.num_samples generated samples against real
-                   data, on the digits classifier's features (embedded digits; reference: half A of
-                   the real digits, with half B's distance to A as the real-data baseline) or on
+                   data, on the dataset's own classifier's features (embedded digits: half A of
+                   the real digits as reference, half B's distance to A as the real-data baseline;
+                   embedded photos/photos64: halves of the test crops; `fd_<kind>`, `kid_<kind>`) or on
                    Inception-v3 pool features (eval.inception_weights; reference: the eval split);
   class_accuracy   the share of class-conditional samples the classifier assigns to their label;
   bpd_vlb          bits/dim by the discrete VLB (core.likelihood; discretised decoder for 8-bit data);
@@ -34,6 +35,22 @@ from diffusax.programs import setup as setup_lib
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
 from diffusax.sampling import job as job_lib
+
+
+def _digits_classifier():
+  from diffusax.evaluation import digits_classifier  # Deferred: only evaluations of the digits need it.
+  return digits_classifier
+
+
+def _photos_classifier():
+  from diffusax.evaluation import photos_classifier
+  return photos_classifier
+
+
+# An embedded dataset's own fd/kid features (data.registry `features`) -> its classifier module:
+# load_or_train(data_dir, log) -> (params, info), apply(params, x) -> (logits, features),
+# real_halves(data_dir, name=) -> two disjoint halves of real images (reference A, baseline B).
+CLASSIFIERS = {"digits": _digits_classifier, "photos": _photos_classifier}
 
 
 def feature_kind(s: Settings, data) -> str:
@@ -82,18 +99,17 @@ class Evaluator:
   # -- samples: fd, kid, class accuracy ----------------------------------------------------------
 
   def _classifier(self, logger: Logger):
-    """(params, info) of the digits classifier (trained and cached in the data dir on first use)."""
-    from diffusax.evaluation import digits_classifier as dc
-    return self._once("classifier", lambda: dc.load_or_train(self.u.s.data.data_dir, log=logger.info))
+    """(module, params, info) of the dataset's own classifier (trained and cached in the data dir on first use)."""
+    mod = CLASSIFIERS[self.u.data.features]()
+    return self._once("classifier", lambda: (mod, *mod.load_or_train(self.u.s.data.data_dir, log=logger.info)))
 
-  def _digits_reference(self, logger: Logger):
+  def _own_reference(self, logger: Logger):
     """Classifier features of the real halves A and B."""
-    from diffusax.evaluation import digits_classifier as dc
     def build():
-      cparams = self._classifier(logger)[0]
-      half_a, half_b = dc.real_halves(self.u.s.data.data_dir)
-      return dc.apply(cparams, half_a)[1], dc.apply(cparams, half_b)[1]
-    return self._once("digits_reference", build)
+      mod, cparams, _ = self._classifier(logger)
+      half_a, half_b = mod.real_halves(self.u.s.data.data_dir, name=self.u.s.data.name)
+      return mod.apply(cparams, half_a)[1], mod.apply(cparams, half_b)[1]
+    return self._once("own_reference", build)
 
   def _inception_reference(self):
     """(the FID Inception network, its pool features of the real eval split)."""
@@ -117,22 +133,22 @@ class Evaluator:
     m, extra = {}, {"samples_dir": out_dir}
     want = set(ev.metrics)
     kind = feature_kind(s, u.data) if want & {"fd", "kid"} else None
-    if u.data.features == "digits" and (kind == "digits" or "class_accuracy" in want):
-      # The digits classifier: features for fd/kid, predictions for class accuracy.
-      from diffusax.evaluation import digits_classifier as dc
-      cparams, info = self._classifier(logger)
+    own = u.data.features
+    if own in CLASSIFIERS and (kind == own or "class_accuracy" in want):
+      # The dataset's own classifier: features for fd/kid, predictions for class accuracy.
+      mod, cparams, info = self._classifier(logger)
       extra["classifier"] = {k: info[k] for k in ("version", "seed", "steps", "test_accuracy")}
-      logits, feats = dc.apply(cparams, gen["samples"])
+      logits, feats = mod.apply(cparams, gen["samples"])
       if "class_accuracy" in want and spec.num_classes:
         m["class_accuracy"] = float(np.mean(np.argmax(logits, -1) == gen["labels"]))
-    if kind == "digits":
-      fa, fb = self._digits_reference(logger)
+    if kind in CLASSIFIERS:
+      fa, fb = self._own_reference(logger)
       if "fd" in want:
-        m["fd_digits"] = distances.frechet_distance_from_features(feats, fa)
-        m["fd_digits_real_baseline"] = distances.frechet_distance_from_features(fb, fa)
+        m[f"fd_{kind}"] = distances.frechet_distance_from_features(feats, fa)
+        m[f"fd_{kind}_real_baseline"] = distances.frechet_distance_from_features(fb, fa)
       if "kid" in want:
-        m["kid_digits"] = distances.kid(feats, fa, subset_size=ev.kid_subset_size)[0]
-        m["kid_digits_real_baseline"] = distances.kid(fb, fa, subset_size=ev.kid_subset_size)[0]
+        m[f"kid_{kind}"] = distances.kid(feats, fa, subset_size=ev.kid_subset_size)[0]
+        m[f"kid_{kind}_real_baseline"] = distances.kid(fb, fa, subset_size=ev.kid_subset_size)[0]
     elif kind == "inception":
       net, fr = self._inception_reference()
       fg = net.pool_features(gen["samples"])

@@ -259,7 +259,7 @@ def _parse_eval(c) -> EvalSettings:
   bad = sorted(set(metrics) - set(EVAL_METRICS))
   if bad:
     raise ConfigError(f"unknown eval.metrics {bad}; allowed: {list(EVAL_METRICS)}")
-  for key, allowed in (("features", ("auto", "digits", "inception")), ("ode_solver", ("euler", "heun", "rk4")),
+  for key, allowed in (("features", ("auto", "digits", "photos", "inception")), ("ode_solver", ("euler", "heun", "rk4")),
                        ("hutchinson", ("rademacher", "gaussian", "exact"))):
     if c.eval[key] not in allowed:
       raise ConfigError(f"unknown eval.{key} {c.eval[key]!r}; allowed: {list(allowed)}")
