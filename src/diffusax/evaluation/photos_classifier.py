@@ -140,7 +140,7 @@ def load_or_train(data_dir: str, seed: int = 0, log=print):
         return serialization.from_bytes(template, f.read()), {**info, "path": path}
   images, labels = load_split(data_dir, "train")
   log(f"training the photos evaluation classifier ({TRAIN_STEPS} steps) -> {path}")
-  params = train(images, labels, seed)
+  params = train(images, labels, seed, steps=TRAIN_STEPS)
   ti, tl = load_split(data_dir, "test")
   acc = float(np.mean(np.argmax(apply(params, ti)[0], -1) == tl))
   info = {**want, "test_accuracy": acc}

@@ -125,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.metrics = ("fd", "kid", "class_accuracy", "bpd_vlb", "bpd_ode")  # --mode=eval: what to compute.
   c.eval.num_samples = 900           # Generated samples for fd/kid/class_accuracy (digits: ~ a real half).
-  c.eval.features = "auto"           # fd/kid features: auto (digits -> digits, else inception), digits, inception.
+  c.eval.features = "auto"           # fd/kid features: auto (the dataset's own classifier: digits, photos; else inception), digits, photos, inception.
   c.eval.inception_weights = ""      # Path of the FID Inception weights (pt_inception-2015-12-05-*.pth or .npz).
   c.eval.kid_subset_size = 1000      # KID subset size (capped at the set sizes); 100 subsets.
   c.eval.bpd_examples = 128          # Held-out (data.eval_split) examples for bits/dim.
