@@ -33,7 +33,12 @@ def _toy(data_dir, **over):
   c.train.eval_batches = 1
   c.sample.num_steps = 4
   c.sample.per_class = 4
-  for k, v in over.items():
+  return _override(c, over)
+
+
+def _override(c, values: dict):
+  """Sets dotted keys of config c, e.g. {"train.batch_size": 64}; returns c."""
+  for k, v in values.items():
     node = c
     *path, last = k.split(".")
     for p in path:
@@ -159,13 +164,7 @@ def _digits_dit(data_dir, **over):
           "train.num_steps": 30, "train.log_every": 10, "train.ckpt_every": 10, "train.eval_every": 0,
           "train.eval_batches": 1, "sample.num_steps": 2, "sample.per_class": 1, "sample.guidance_scale": 0.0,
           **over}
-  for k, v in vals.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return _override(c, vals)
 
 
 def test_resume_with_grain_workers_flips_and_an_epoch_boundary_is_bit_identical(data_dir, tmp_path):

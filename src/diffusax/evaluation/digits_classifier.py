@@ -13,7 +13,6 @@ the same version, seed and step count.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import flax.linen as nn
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
+from diffusax.evaluation import classifier_cache
 
 VERSION = "v1"
 NUM_CLASSES = 10
@@ -110,28 +109,16 @@ def load_or_train(data_dir: str, seed: int = 0, log=print):
 
   Returns (params, info) with info = {"test_accuracy", "version", "seed", "steps", "path"}.
   """
-  path = cache_path(data_dir, seed)
-  side = path + ".json"
   want = {"version": VERSION, "seed": seed, "steps": TRAIN_STEPS}
   template = DigitsNet().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
-  if os.path.exists(path) and os.path.exists(side):
-    info = json.load(open(side))
-    if all(info.get(k) == v for k, v in want.items()):
-      with open(path, "rb") as f:
-        return serialization.from_bytes(template, f.read()), {**info, "path": path}
-  images, labels = load_split(data_dir, "train")
-  log(f"training the digits evaluation classifier ({TRAIN_STEPS} steps) -> {path}")
-  params = train(images, labels, seed)
-  ti, tl = load_split(data_dir, "test")
-  acc = float(np.mean(np.argmax(apply(params, ti)[0], -1) == tl))
-  info = {**want, "test_accuracy": acc}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  for p, data, mode in ((path, serialization.to_bytes(params), "wb"), (side, json.dumps(info), "w")):
-    tmp = f"{p}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-      f.write(data)
-    os.replace(tmp, p)
-  return params, {**info, "path": path}
+
+  def train_and_score():
+    images, labels = load_split(data_dir, "train")
+    params = train(images, labels, seed, steps=TRAIN_STEPS)
+    ti, tl = load_split(data_dir, "test")
+    return params, np.mean(np.argmax(apply(params, ti)[0], -1) == tl)
+
+  return classifier_cache.load_or_train(cache_path(data_dir, seed), want, template, train_and_score, log, "digits")
 
 
 def real_halves(data_dir: str, seed: int = 0, name: str = "sklearn_digits") -> tuple[np.ndarray, np.ndarray]:
