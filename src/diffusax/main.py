@@ -21,8 +21,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config(); "
                                 "override keys with --config.KEY=VALUE.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and metrics.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
-                  "train; sample (resumable sample shards from a checkpoint); eval (metrics JSON of a checkpoint).")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "phema", "phema_sweep"],
+                  "train; sample (resumable sample shards from a checkpoint); eval (metrics JSON of a checkpoint); "
+                  "phema (post-hoc EMA of ema.target_sigma_rel from the EMA snapshots, written as a checkpoint); "
+                  "phema_sweep (evaluate post-hoc EMAs over ema.sweep: JSON and a PNG curve).")
 
 # XLA:CPU flag that sends convolutions and dots to Eigen instead of the default YNN fusions:
 # measured ~2x faster U-Net train steps on a 2-core AVX2 machine (see benchmarks/README.md).
@@ -202,6 +204,12 @@ def main(argv) -> None:
     elif FLAGS.mode == "eval":
       from diffusax.programs import evaluate
       evaluate.run(s, FLAGS.workdir)
+    elif FLAGS.mode == "phema":
+      from diffusax.programs import phema
+      phema.run(s, FLAGS.workdir)
+    elif FLAGS.mode == "phema_sweep":
+      from diffusax.programs import evaluate, phema
+      phema.sweep(s, FLAGS.workdir, evaluate.Evaluator)
   except settings_lib.ConfigError as e:
     _error(str(e))
   except Exception as e:  # Known, user-facing failures from deeper layers.

@@ -91,6 +91,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema = ml_collections.ConfigDict()
   c.ema.decays = (0.9999,)           # One EMA of the params per decay; the first is used for samples.
   c.ema.warmup = True                # Effective decay min(decay, (1+step)/(10+step)).
+  c.ema.sigma_rels = ()              # Power-function EMAs (EDM2) to track, by relative std in (0, 0.2887],
+                                     # kept after the classic ones; e.g. (0.05, 0.1) for post-hoc EMA.
+  c.ema.snapshot_every = 0           # Steps between snapshots of the power EMAs in WORKDIR/ema_snapshots
+                                     # (0: none); --mode=phema reconstructs any sigma_rel from them.
+  c.ema.target_sigma_rel = 0.1       # --mode=phema: sigma_rel of the EMA to reconstruct.
+  c.ema.target_step = -1             # --mode=phema: its end step, a snapshot step (-1: the latest snapshot).
+  c.ema.reconstruct_from = ()        # --mode=phema: the tracked sigma_rels whose snapshots are used (() = all).
+  c.ema.sweep = ()                   # --mode=phema_sweep: sigma_rels to reconstruct and evaluate (FD curve);
+                                     # () = 12 values from 0.02 to 0.25.
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128           # Global batch, split over all data-parallel devices.
@@ -121,6 +130,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.seed = 0                  # --mode=sample/eval: sample i's noise is fold_in(key(seed), i).
   c.sample.checkpoint_step = -1      # --mode=sample/eval: checkpoint step to load (-1: the latest).
   c.sample.output_dir = ""           # --mode=sample: shard folder ("" = WORKDIR/samples/step<S>_<method><n>_w<w>_seed<seed>).
+  c.sample.guide_workdir = ""        # Autoguidance (EDM2): the guiding model's workdir (a smaller or less-trained
+                                     # model of the same data and schedule); guidance_scale then weighs
+                                     # main - guide instead of CFG's cond - uncond. "" = CFG (or none).
+  c.sample.guide_step = -1           # The guiding model's checkpoint step (-1: its latest).
+  c.sample.guidance_interval = (0.0, 1.0)  # Guide (CFG or autoguidance) only for t in [lo, hi]
+                                     # (Kynkaanniemi et al. 2024); outside, the unguided model.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.metrics = ("fd", "kid", "class_accuracy", "bpd_vlb", "bpd_ode")  # --mode=eval: what to compute.

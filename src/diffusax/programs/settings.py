@@ -92,6 +92,33 @@ class SampleSettings:
   seed: int = 0
   checkpoint_step: int = -1
   output_dir: str = ""
+  guide_workdir: str = ""
+  guide_step: int = -1
+  guidance_interval: tuple = (0.0, 1.0)
+
+  @property
+  def interval(self) -> tuple | None:
+    """The guidance interval, or None when it is all of [0, 1] (no masking traced)."""
+    return None if tuple(self.guidance_interval) == (0.0, 1.0) else tuple(self.guidance_interval)
+
+
+SWEEP_DEFAULT = (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.18, 0.21, 0.25)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaSettings:
+  """Power-function EMAs (training/power_ema.py), their snapshots and the post-hoc reconstruction."""
+  sigma_rels: tuple = ()
+  snapshot_every: int = 0
+  target_sigma_rel: float = 0.1
+  target_step: int = -1
+  reconstruct_from: tuple = ()
+  sweep: tuple = SWEEP_DEFAULT
+
+  @property
+  def gammas(self) -> tuple:
+    from diffusax.training import power_ema
+    return tuple(power_ema.gamma_from_sigma_rel(v) for v in self.sigma_rels)
 
 
 EVAL_METRICS = ("fd", "kid", "class_accuracy", "bpd_vlb", "bpd_ode")
@@ -132,6 +159,12 @@ class Settings:
   mesh_strategy: str
   eval: EvalSettings = EvalSettings()
   mesh_ordered_reduction: bool = False
+  ema: EmaSettings = EmaSettings()
+
+  @property
+  def num_ema(self) -> int:
+    """EMAs in the state: the classic decays, then the power-function sigma_rels."""
+    return len(self.ema_decays) + len(self.ema.sigma_rels)
 
   @property
   def schedule(self) -> schedules.Schedule:
@@ -225,7 +258,9 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
                           num_samples=_positive("sample.num_samples", c.sample.num_samples),
                           shard_size=_positive("sample.shard_size", c.sample.shard_size),
                           labels=tuple(int(v) for v in c.sample.labels), seed=int(c.sample.seed),
-                          checkpoint_step=int(c.sample.checkpoint_step), output_dir=str(c.sample.output_dir))
+                          checkpoint_step=int(c.sample.checkpoint_step), output_dir=str(c.sample.output_dir),
+                          guide_workdir=str(c.sample.guide_workdir), guide_step=int(c.sample.guide_step),
+                          guidance_interval=_parse_interval(c.sample.guidance_interval))
   ev = _parse_eval(c)
   return Settings(
       seed=int(c.seed),
@@ -234,7 +269,47 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       model_name=c.model.name, model_kwargs=dict(c.model[c.model.name]), model_dtype=c.model.dtype,
       class_conditional=bool(c.model.class_conditional), optim=optim, ema_decays=decays,
       ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape),
-      mesh_strategy=c.mesh.strategy, eval=ev, mesh_ordered_reduction=bool(c.mesh.ordered_reduction))
+      mesh_strategy=c.mesh.strategy, eval=ev, mesh_ordered_reduction=bool(c.mesh.ordered_reduction),
+      ema=_parse_ema(c))
+
+
+def _parse_interval(v) -> tuple:
+  try:
+    lo, hi = (float(x) for x in v)
+  except (TypeError, ValueError):
+    raise ConfigError(f"sample.guidance_interval must be a pair (t_lo, t_hi), got {v!r}") from None
+  if not 0.0 <= lo <= hi <= 1.0:
+    raise ConfigError(f"sample.guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1, got ({lo}, {hi})")
+  return (lo, hi)
+
+
+def _sigma_rel(name: str, v) -> float:
+  from diffusax.training import power_ema
+  try:
+    power_ema.gamma_from_sigma_rel(float(v))
+  except (TypeError, ValueError):
+    raise ConfigError(f"{name} must be a relative std in (0, {power_ema.SIGMA_REL_MAX:.4f}] (1/sqrt(12), the "
+                      f"uniform average), got {v!r}") from None
+  return float(v)
+
+
+def _parse_ema(c) -> EmaSettings:
+  e = c.ema
+  rels = tuple(_sigma_rel("ema.sigma_rels", v) for v in e.sigma_rels)
+  if len(set(rels)) != len(rels):
+    raise ConfigError(f"ema.sigma_rels has repeated values: {list(rels)}")
+  every = _positive("ema.snapshot_every", e.snapshot_every, allow_zero=True)
+  if every and not rels:
+    raise ConfigError("ema.snapshot_every > 0 snapshots the power-function EMAs, but ema.sigma_rels is empty; "
+                      "set e.g. ema.sigma_rels=(0.05, 0.1)")
+  source = tuple(float(v) for v in e.reconstruct_from)
+  missing = [v for v in source if v not in rels]
+  if missing:
+    raise ConfigError(f"ema.reconstruct_from {missing} are not tracked; ema.sigma_rels is {list(rels)}")
+  sweep = tuple(_sigma_rel("ema.sweep", v) for v in e.sweep) or SWEEP_DEFAULT
+  return EmaSettings(sigma_rels=rels, snapshot_every=every,
+                     target_sigma_rel=_sigma_rel("ema.target_sigma_rel", e.target_sigma_rel),
+                     target_step=int(e.target_step), reconstruct_from=source, sweep=sweep)
 
 
 def _parse_data(c) -> DataSettings:

@@ -3,6 +3,8 @@
     ModelSetup / model_setup(s, devices)   dataset description, mesh, network, abstract params, shardings
     build_module(s, num_classes)           the Linen network of the settings
     open_checkpointer(u, workdir)          WORKDIR/checkpoints
+    open_snapshots(u, workdir)             WORKDIR/ema_snapshots (power-function EMA snapshots, all kept)
+    EmaOnlyState                           what --mode=phema writes: one EMA of parameters, no optimizer
     restore_ema(u, workdir, step)          the first EMA's params only (no optimizer, no training data)
     job_spec / default_out_dir / run_sample_job   the sampling job of the settings
     TraceCounts                            how often each jitted program function was traced
@@ -33,6 +35,17 @@ from diffusax.sampling import job as job_lib
 
 # The state subtree sampling and evaluation use: state.ema_params[0], the first EMA.
 EMA_PART = ("ema_params", 0)
+SNAPSHOT_DIR = "ema_snapshots"
+PHEMA_KIND = "phema"  # meta["kind"] of a checkpoint that holds reconstructed EMA parameters only.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EmaOnlyState:
+  """A checkpoint of parameters for sampling and evaluation only (post-hoc EMA): `ema_params[0]` is
+  where `restore_ema` reads, as in a TrainState, and nothing else (no optimizer) is stored."""
+  step: Any
+  ema_params: Any
 
 
 class TraceCounts(dict):
@@ -156,6 +169,15 @@ def open_checkpointer(u: ModelSetup, workdir: str, logger: Logger | None = None)
   s = u.s
   return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
                                async_save=s.train.async_checkpoints,
+                               replicated_sharding=mesh_lib.replicated(u.mesh),
+                               log=logger.info if logger is not None else print,
+                               allow_unverified=s.train.allow_unverified_restore)
+
+
+def open_snapshots(u: ModelSetup, workdir: str, logger: Logger | None = None) -> ckpt_lib.Checkpointer:
+  """The power-function EMA snapshots (every one kept; checksummed and signed like checkpoints)."""
+  s = u.s
+  return ckpt_lib.Checkpointer(os.path.join(workdir, SNAPSHOT_DIR), keep=None, async_save=s.train.async_checkpoints,
                                replicated_sharding=mesh_lib.replicated(u.mesh),
                                log=logger.info if logger is not None else print,
                                allow_unverified=s.train.allow_unverified_restore)

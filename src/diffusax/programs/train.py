@@ -113,7 +113,7 @@ def for_training(m: ModelSetup, source, traces: TraceCounts | None = None) -> Se
                       "processes: use mesh.strategy='mesh'")
   traces = TraceCounts() if traces is None else traces
   tx, lr_fn = optim_lib.make(s.optim)
-  abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, s.seed, len(s.ema_decays)), m.abstract_params)
+  abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, s.seed, s.num_ema), m.abstract_params)
   shardings = state_shardings(abstract_state, m.param_shardings, m.mesh)
   fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelSetup)}
   return Setup(**fields, source=source, tx=tx, lr_fn=lr_fn, abstract_state=abstract_state,
@@ -140,7 +140,7 @@ def _make_init(m: ModelSetup, tx, shardings, traces: TraceCounts):
 
   def init(seed_key):
     params = mesh_lib.unbox(m.param_init(jax.random.fold_in(seed_key, 0x1A17)))
-    return state_lib.create(params, tx, s.seed, len(s.ema_decays))
+    return state_lib.create(params, tx, s.seed, s.num_ema)
 
   jitted = jax.jit(traces.wrap("init", init), out_shardings=shardings)
   compiled = []
@@ -241,7 +241,7 @@ def make_runner(u: Setup) -> Runner:
     devices = list(u.mesh.devices.flat)
     n = len(devices)
     fn = step_lib.make_train_step(u.module.apply, u.tx, u.lr_fn, u.schedule, s.loss, s.ema_decays, s.ema_warmup,
-                                  axis_name=pmap_lib.AXIS, axis_size=n)
+                                  axis_name=pmap_lib.AXIS, axis_size=n, ema_gammas=s.ema.gammas)
     pstep = jax.pmap(u.traces.wrap("train_step", fn), axis_name=pmap_lib.AXIS, devices=devices, donate_argnums=0)
 
     def step(state, batch):
@@ -252,7 +252,8 @@ def make_runner(u: Setup) -> Runner:
                   from_run=lambda st: pmap_lib.unreplicate(st, u.state_shardings), step=step)
 
   train_step = step_lib.make_train_step(u.module.apply, u.tx, u.lr_fn, u.schedule, s.loss, s.ema_decays,
-                                        s.ema_warmup, ordered_mesh=u.mesh if s.mesh_ordered_reduction else None)
+                                        s.ema_warmup, ordered_mesh=u.mesh if s.mesh_ordered_reduction else None,
+                                        ema_gammas=s.ema.gammas)
   batch_sh = {"x": mesh_lib.batch_sharding(u.mesh, 1 + len(u.sample_shape)),
               "label": mesh_lib.batch_sharding(u.mesh, 1)}
   rep = mesh_lib.replicated(u.mesh)
@@ -289,18 +290,21 @@ def train_and_evaluate(s: Settings, workdir: str, devices=None, *, evaluator=Non
   os.makedirs(workdir, exist_ok=True)
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   logger.info(u.sharding_summary)
-  ckpt = None
+  ckpt = snaps = None
   try:
     ckpt = open_checkpointer(u, workdir, logger)
-    return _train_loop(u, workdir, logger, ckpt, ev)
+    if s.ema.snapshot_every:
+      snaps = setup_lib.open_snapshots(u, workdir, logger)
+    return _train_loop(u, workdir, logger, ckpt, ev, snaps)
   except BaseException:
     # Stop the background writers (orbax, the event file) so the process can exit with the error
     # instead of hanging on their threads; a failed save is not retried.
-    if ckpt is not None:
-      try:
-        ckpt.manager.close()
-      except Exception:  # noqa: BLE001 - the same failure again.
-        pass
+    for c in (ckpt, snaps):
+      if c is not None:
+        try:
+          c.manager.close()
+        except Exception:  # noqa: BLE001 - the same failure again.
+          pass
     logger.close()
     raise
 
@@ -315,11 +319,50 @@ def _check_replicas(state, step: int, logger: Logger) -> None:
   logger.info(f"replica check: {n} replicated arrays are bit-identical on all {jax.process_count()} processes")
 
 
-def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpointer, evaluator=None) -> dict:
-  """`evaluator`: the object built by train_and_evaluate's factory, run at every eval interval and at the end."""
+def _snapshot_writer(u: Setup, snaps: ckpt_lib.Checkpointer | None, logger: Logger):
+  """(state, step) -> writes the power-function EMAs of `state` as snapshot `step` (once per step).
+
+  A snapshot is its own small orbax item (WORKDIR/ema_snapshots/<step>: the tuple of
+  power EMAs, meta with their sigma_rels, exponents, the model signature and checksums).
+  A resumed run that reaches a step whose snapshot is already written (the run was
+  killed after the snapshot, before the next checkpoint) leaves it: the resumed run
+  is bit-identical, so it would write the same arrays.
+  """
+  if snaps is None:
+    return lambda state, step: None
+  s, first = u.s, len(u.s.ema_decays)
+  have = set(snaps.all_steps())
+  reported = []
+
+  def write(state, step: int) -> None:
+    if step in have:
+      return
+    emas = tuple(state.ema_params[first:])
+    if not reported:
+      nbytes = sum(x.nbytes for x in jax.tree.leaves(emas))
+      logger.info(f"EMA snapshots every {s.ema.snapshot_every} steps in {snaps.directory}: "
+                  f"{len(emas)} power EMAs (sigma_rel {list(s.ema.sigma_rels)}), {nbytes / 2**20:.2f} MiB per snapshot")
+      reported.append(nbytes)
+    snaps.save(step, emas, {"kind": "ema_snapshot", "step": step, "signature": u.signature,
+                            "sigma_rels": list(s.ema.sigma_rels), "gammas": list(s.ema.gammas)})
+    have.add(step)
+
+  write.bytes = reported
+  return write
+
+
+def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpointer, evaluator=None,
+                snaps: ckpt_lib.Checkpointer | None = None) -> dict:
+  """`evaluator`: the object built by train_and_evaluate's factory, run at every eval interval and at the end.
+  `snaps`: the EMA snapshot store when ema.snapshot_every > 0."""
   s = u.s
   it = make_iterator(u)
   abstract = ckpt_lib.abstract_like(u.abstract_state, u.state_shardings)
+  latest = ckpt.latest_step()
+  if latest is not None and ckpt.read_meta(latest).get("kind") == setup_lib.PHEMA_KIND:
+    raise ConfigError(f"{ckpt.directory} holds post-hoc EMA parameters written by --mode=phema (no optimizer "
+                      "state): sample or evaluate them, or train in another --workdir")
+  snapshot = _snapshot_writer(u, snaps, logger)
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(abstract, u.signature, fallback=s.train.ckpt_fallback)
     it.restore(meta["data"])
@@ -363,6 +406,8 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
       if stop.requested(done):
         preempted = done != total
         break
+      if s.ema.snapshot_every and done % s.ema.snapshot_every == 0:
+        snapshot(runner.from_run(run_state), done)
       if done % s.train.ckpt_every == 0 and done != total:
         save(runner.from_run(run_state))
       if s.train.eval_every and done % s.train.eval_every == 0 and done != total:
@@ -377,6 +422,8 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
   if int(state.step) != start or ckpt.latest_step() != int(state.step):
     save(state)
   ckpt.wait()
+  if snaps is not None:
+    snaps.wait()
   final_step = int(state.step)
   if jax.process_count() > 1:
     _check_replicas(state, final_step, logger)
@@ -385,12 +432,17 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
                 f"{ckpt.directory}; run again to resume")
     logger.close()
     ckpt.close()
+    if snaps is not None:
+      snaps.close()
     return {"step": final_step, "preempted": True, "checkpoint": os.path.join(ckpt.directory, str(final_step))}
   ev = evaluate_loss(u, eval_fn, state.ema_params[0], eval_source)
   grid = write_samples(u, state.ema_params[0], final_step, workdir, logger, gen)
   result = {"step": final_step, "eval_loss_ema": ev, "samples": grid, "preempted": False,
             "train_loss_last": history[-1]["loss"] if history else None,
             "checkpoint": os.path.join(ckpt.directory, str(final_step))}
+  if snaps is not None:
+    result["ema_snapshots"] = {"directory": snaps.directory, "steps": snaps.all_steps(),
+                               "bytes_per_snapshot": snapshot.bytes[0] if snapshot.bytes else None}
   logger.scalars({"eval_loss_ema": ev}, final_step)
   if evaluator is not None:
     result["eval"] = evaluator.evaluate(state.ema_params[0], final_step, workdir, logger)["metrics"]
@@ -400,4 +452,6 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
   logger.info(f"done: step {final_step}, eval loss (EMA) {ev:.5f}, samples in {grid}")
   logger.close()
   ckpt.close()
+  if snaps is not None:
+    snaps.close()
   return result

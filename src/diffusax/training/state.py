@@ -5,7 +5,8 @@ donated, sharded and saved by orbax as it is:
 
     step        int32 scalar: optimizer steps taken
     params      network parameters (unboxed)
-    ema_params  tuple of parameter trees, one per EMA decay
+    ema_params  tuple of parameter trees: one per classic EMA decay, then one per
+                power-function EMA (training/power_ema.py), in that order
     opt_state   optax state
     rng         uint32 [2] raw key data of the run's base key; draws at step k
                 use fold_in(base, k)
@@ -53,10 +54,22 @@ def ema_decay(decay, step, warmup: bool):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step)) if warmup else jnp.asarray(decay, jnp.float32)
 
 
-def update_ema(ema_params: Sequence[Any], params, decays: Sequence[float], step, warmup: bool):
-  """ema <- d * ema + (1 - d) * params for each decay d (params after this step's update)."""
-  out = []
-  for ema, d in zip(ema_params, decays):
-    dd = ema_decay(d, step, warmup)
-    out.append(jax.tree.map(lambda e, p: (dd * e + (1.0 - dd) * p).astype(e.dtype), ema, params))
-  return tuple(out)
+def power_ema_decay(gamma: float, step):
+  """beta_t = (1 - 1/t)^(gamma + 1) with t = step + 1 the number of optimizer steps after this update
+  (EDM2 eq. 2-3; `power_ema.beta`): 0 at the first step, so the EMA starts at the first updated params."""
+  t = jnp.asarray(step, jnp.float32) + 1.0
+  return jnp.exp((gamma + 1.0) * jnp.log1p(-1.0 / t))
+
+
+def update_ema(ema_params: Sequence[Any], params, decays: Sequence[float], step, warmup: bool,
+               gammas: Sequence[float] = ()):
+  """ema <- d * ema + (1 - d) * params (params after this step's update, `step` the state's step before it).
+
+  The first len(decays) EMAs use the classic decay d (`ema_decay`), the next len(gammas) the
+  power-function decay of exponent gamma (`power_ema_decay`).
+  """
+  if len(ema_params) != len(decays) + len(gammas):
+    raise ValueError(f"{len(ema_params)} EMAs in the state for {len(decays)} decays and {len(gammas)} power EMAs")
+  rates = [ema_decay(d, step, warmup) for d in decays] + [power_ema_decay(float(g), step) for g in gammas]
+  return tuple(jax.tree.map(lambda e, p, dd=dd: (dd * e + (1.0 - dd) * p).astype(e.dtype), ema, params)
+               for ema, dd in zip(ema_params, rates))

@@ -70,12 +70,14 @@ def step_keys(state: TrainState):
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn: Callable,
                     schedule, loss: LossConfig, ema_decays, ema_warmup: bool = True,
-                    axis_name: str | None = None, axis_size: int = 1, ordered_mesh=None):
+                    axis_name: str | None = None, axis_size: int = 1, ordered_mesh=None, ema_gammas=()):
   """Builds the (unjitted) train step. `apply_fn(variables, x, t, y, train, rngs)` is a Flax apply.
 
   `axis_name`/`axis_size`: run under `pmap` over that axis of `axis_size` devices (see module doc).
   `ordered_mesh`: a (data, fsdp) mesh with fsdp = 1 over which the gradient is
   reduced in fixed device order (see module doc); jit the step over that mesh.
+  `ema_gammas`: exponents of the power-function EMAs kept after the classic ones in
+  state.ema_params (`state.update_ema`).
   """
   if ordered_mesh is not None:
     if axis_name:
@@ -84,6 +86,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
       raise ValueError(f"a fixed-order gradient reduction needs replicated parameters (fsdp = 1), got mesh "
                        f"{dict(ordered_mesh.shape)}")
   ema_decays = tuple(float(d) for d in ema_decays)
+  ema_gammas = tuple(float(g) for g in ema_gammas)
   wparams = dict(loss.weighting_params)
   num_discrete = getattr(schedule, "num_steps", None)
 
@@ -122,7 +125,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
       value, grads = jax.lax.pmean((value, grads), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = state_lib.update_ema(state.ema_params, params, ema_decays, state.step, ema_warmup)
+    ema = state_lib.update_ema(state.ema_params, params, ema_decays, state.step, ema_warmup, ema_gammas)
     metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}
     new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     return new, metrics
