@@ -236,3 +236,42 @@ def test_sweep_writes_the_curve_with_the_best_value_and_the_trained_emas_beside(
   assert on_disk["best"] == res["best"]
   img = np.asarray(Image.open(os.path.join(copy, "phema", "sweep.png")))
   assert img.shape == (420, 640, 3) and len(np.unique(img.reshape(-1, 3), axis=0)) > 3
+
+
+def test_autoguidance_by_an_earlier_checkpoint_in_sample_mode(toy_run, tmp_path):
+  """--mode=sample with sample.guide_workdir: the shards are the core's autoguided sampler run by hand on the
+  two restored EMAs (same initial noise), w = 0 gives the unguided samples, and a missing step is refused."""
+  from diffusax.core import Model, guidance, samplers
+  from diffusax.nn import bridge
+  from diffusax.programs import sample, setup as setup_lib
+  from diffusax.programs import settings as settings_lib
+  from diffusax.sampling import generate, job as job_lib
+  c, wd, _ = toy_run
+  c1 = c.copy_and_resolve_references()
+  c1.sample.num_samples, c1.sample.shard_size, c1.sample.guidance_scale = 16, 16, 1.5
+  c1.sample.guide_workdir, c1.sample.guide_step = wd, 10
+  c1.sample.output_dir = str(tmp_path / "auto")
+  s = settings_lib.parse(c1)
+  res = sample.run(s, wd)
+  got = job_lib.load(res["out_dir"])["samples"]
+  spec = json.load(open(os.path.join(res["out_dir"], "job.json")))
+  assert spec["guide"] == f"{os.path.abspath(wd)}@10"
+  u = setup_lib.model_setup(s)
+  main, _ = setup_lib.restore_ema(u, wd, 30)
+  weak, _ = setup_lib.restore_ema(u, wd, 10)
+  m = Model(bridge.denoiser(u.module, {"params": main}), s.loss.target, u.schedule)
+  g = Model(bridge.denoiser(u.module, {"params": weak}), s.loss.target, u.schedule)
+  x_T = generate.initial_noise(jax.random.fold_in(jax.random.key(s.sample.seed), 0), np.arange(16),
+                               u.sample_shape, u.schedule.prior_std)
+  run = lambda model: np.asarray(samplers.sample(model, x_T, key=jax.random.key(0), method=s.sample.method,  # noqa: E731
+                                                 num_steps=s.sample.num_steps))
+  # (a 30-step toy model: guided samples reach |x| ~ 100, so a relative tolerance)
+  np.testing.assert_allclose(got, run(guidance.autoguidance(m, g, scale=1.5)), rtol=1e-4, atol=1e-4)
+  unguided = run(m)
+  assert np.abs(got - unguided).max() > 1e-2  # the guide changed the samples
+  c1.sample.guidance_scale, c1.sample.output_dir = 0.0, str(tmp_path / "w0")
+  w0 = job_lib.load(sample.run(settings_lib.parse(c1), wd)["out_dir"])["samples"]
+  np.testing.assert_allclose(w0, unguided, rtol=1e-4, atol=1e-4)
+  c1.sample.guide_step = 7
+  with pytest.raises(settings_lib.ConfigError, match=r"sample.guide_step=7 is not in .*checkpoints; it has \[10, 20, 30\]"):
+    sample.run(settings_lib.parse(c1), wd)

@@ -85,9 +85,11 @@ class Evaluator:
   Construction refuses settings evaluation cannot run with (`check`).
   """
 
-  def __init__(self, u: setup_lib.ModelSetup, traces: setup_lib.TraceCounts | None = None):
+  def __init__(self, u: setup_lib.ModelSetup, traces: setup_lib.TraceCounts | None = None,
+               guide: setup_lib.GuideModel | None = None):
     check(u.s, u.data)
     self.u = u
+    self.guide = guide  # Autoguidance's guiding model for the samples (setup.restore_guide), or None.
     self.traces = setup_lib.TraceCounts() if traces is None else traces
     self._cache: dict[str, object] = {}
 
@@ -122,13 +124,14 @@ class Evaluator:
 
   def _sample_metrics(self, params, step: int, workdir: str, logger: Logger) -> tuple[dict, dict]:
     u, s, ev = self.u, self.u.s, self.u.s.eval
-    spec = setup_lib.job_spec(u, step, num_samples=ev.num_samples)
+    spec = setup_lib.job_spec(u, step, num_samples=ev.num_samples, guide=self.guide)
     out_dir = os.path.join(workdir, "eval", os.path.basename(setup_lib.default_out_dir(workdir, spec))
                            + f"_n{spec.num_samples}")
     # The sample function depends on the sampler settings, not on the checkpoint step.
+    guide = self.guide.guide if self.guide is not None else None
     fn = self._once("sample_fn", lambda: self.traces.wrap("eval_sample", job_lib.make_sample_fn(
-        u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class)))
-    setup_lib.run_sample_job(u, params, spec, out_dir, logger, sample_fn=fn)
+        u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class, guide=guide)))
+    setup_lib.run_sample_job(u, params, spec, out_dir, logger, sample_fn=fn, guide=self.guide)
     gen = job_lib.load(out_dir)
     m, extra = {}, {"samples_dir": out_dir}
     want = set(ev.metrics)
@@ -217,7 +220,9 @@ class Evaluator:
       metrics.update(self._likelihood_metrics(params))
     result = {"step": step, "metrics": metrics, "num_samples": ev.num_samples,
               "sampler": {"method": s.sample.method, "num_steps": s.sample.num_steps,
-                          "guidance_scale": s.sample.guidance_scale, "eta": s.sample.eta, "seed": s.sample.seed},
+                          "guidance_scale": s.sample.guidance_scale, "eta": s.sample.eta, "seed": s.sample.seed,
+                          "guidance": f"autoguidance by {self.guide.tag}" if self.guide is not None else "cfg",
+                          "guidance_interval": list(s.sample.guidance_interval)},
               "likelihood": {"examples": ev.bpd_examples, "split": s.data.eval_split or s.data.split,
                              "vlb_steps": ev.vlb_steps, "ode_steps": ev.ode_steps, "ode_solver": ev.ode_solver,
                              "hutchinson": ev.hutchinson, "t_min": ev.t_min},
@@ -251,9 +256,10 @@ def check(s: Settings, data) -> None:
 def run(s: Settings, workdir: str, devices=None, traces: setup_lib.TraceCounts | None = None) -> dict:
   """Evaluates the first EMA of a checkpoint; reads only those parameters and the eval data."""
   u = setup_lib.model_setup(s, devices)
-  evaluator = Evaluator(u, traces)  # Refuses a missing weights file before loading anything.
+  Evaluator(u, traces)  # Refuses a missing weights file before loading anything.
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   try:
+    evaluator = Evaluator(u, traces, guide=setup_lib.restore_guide(u, logger))
     params, step = setup_lib.restore_ema(u, workdir, u.s.sample.checkpoint_step, logger)
     return evaluator.evaluate(params, step, workdir, logger)
   finally:

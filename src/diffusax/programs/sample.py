@@ -22,13 +22,15 @@ def run(s: Settings, workdir: str, devices=None) -> dict:
   u = setup_lib.model_setup(s, devices)
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   try:
+    guide = setup_lib.restore_guide(u, logger)
     params, step = setup_lib.restore_ema(u, workdir, u.s.sample.checkpoint_step, logger)
-    spec = setup_lib.job_spec(u, step)
+    spec = setup_lib.job_spec(u, step, guide=guide)
     out_dir = u.s.sample.output_dir or setup_lib.default_out_dir(workdir, spec)
+    how = f"autoguidance by {guide.tag}" if guide is not None else "CFG"
     logger.info(f"sampling {spec.num_samples} samples from step {step} with {spec.method} x {spec.num_steps}, "
-                f"w={spec.guidance_scale:g}, seed {spec.seed} -> {out_dir}")
+                f"w={spec.guidance_scale:g} ({how}), seed {spec.seed} -> {out_dir}")
     try:
-      out = setup_lib.run_sample_job(u, params, spec, out_dir, logger)
+      out = setup_lib.run_sample_job(u, params, spec, out_dir, logger, guide=guide)
     except job_lib.JobMismatch as e:
       raise ConfigError(str(e)) from None
     logger.info(f"done: {spec.num_samples} samples in {out_dir}")

@@ -6,6 +6,7 @@
     open_snapshots(u, workdir)             WORKDIR/ema_snapshots (power-function EMA snapshots, all kept)
     EmaOnlyState                           what --mode=phema writes: one EMA of parameters, no optimizer
     restore_ema(u, workdir, step)          the first EMA's params only (no optimizer, no training data)
+    restore_guide(u, logger)               autoguidance: the guiding model of sample.guide_workdir and its EMA
     job_spec / default_out_dir / run_sample_job   the sampling job of the settings
     TraceCounts                            how often each jitted program function was traced
 
@@ -205,7 +206,74 @@ def restore_ema(u: ModelSetup, workdir: str, step: int = -1, logger: Logger | No
   return params, int(step)
 
 
-def job_spec(u: ModelSetup, step: int, num_samples: int | None = None) -> job_lib.JobSpec:
+@dataclasses.dataclass(frozen=True)
+class GuideModel:
+  """The guiding model of autoguidance: its set-up, first-EMA params and where they came from."""
+  setup: ModelSetup
+  params: Any
+  step: int
+  workdir: str
+
+  @property
+  def tag(self) -> str:
+    return f"{os.path.abspath(self.workdir)}@{self.step}"
+
+  @property
+  def guide(self) -> job_lib.Guide:
+    return job_lib.Guide(self.setup.module, self.setup.s.loss.target)
+
+
+def restore_guide(u: ModelSetup, logger: Logger | None = None) -> GuideModel | None:
+  """The guiding model of sample.guide_workdir (None when it is ""), EMA params on u's mesh.
+
+  Its network is rebuilt from its own checkpoint's signature (model name and
+  options, target, class conditioning), so it may be smaller or differently
+  configured than the main model; its dataset, schedule and conditioning must
+  match the main model's (refused otherwise, before any array is read).
+  """
+  s = u.s
+  wd = s.sample.guide_workdir
+  if not wd:
+    return None
+  ckpt = open_checkpointer(u, wd, logger)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ConfigError(f"sample.guide_workdir={wd}: no checkpoint in {ckpt.directory}")
+    step = max(steps) if s.sample.guide_step < 0 else s.sample.guide_step
+    if step not in steps:
+      raise ConfigError(f"sample.guide_step={step} is not in {ckpt.directory}; it has {sorted(steps)}")
+    model = ckpt.read_meta(step).get("signature", {}).get("model", {})
+  finally:
+    ckpt.close()
+  mine = u.signature["model"]
+  for key in ("schedule", "class_conditional"):
+    if model.get(key) != mine.get(key):
+      raise ConfigError(f"sample.guide_workdir={wd}: the guiding model has {key} {model.get(key)!r}, the main "
+                        f"model {mine.get(key)!r}; autoguidance needs a guide of the same task")
+  from diffusax import nn
+  if model.get("name") not in nn.NETWORKS:
+    raise ConfigError(f"sample.guide_workdir={wd}: its checkpoint names no known network ({model.get('name')!r})")
+  gs = dataclasses.replace(s, model_name=model["name"],
+                           model_kwargs={**(dict(s.model_kwargs) if s.model_name == model["name"] else {}),
+                                         **_tuples(model.get("kwargs", {}))},
+                           loss=dataclasses.replace(s.loss, target=model["target"]))
+  gu = model_setup(gs, list(u.mesh.devices.flat), data=u.data)
+  params, step = restore_ema(gu, wd, step, logger)
+  return GuideModel(setup=gu, params=params, step=step, workdir=wd)
+
+
+def _tuples(v):
+  """JSON lists (from a signature) back to the tuples the network options use."""
+  if isinstance(v, dict):
+    return {k: _tuples(x) for k, x in v.items()}
+  if isinstance(v, list):
+    return tuple(_tuples(x) for x in v)
+  return v
+
+
+def job_spec(u: ModelSetup, step: int, num_samples: int | None = None,
+             guide: GuideModel | None = None) -> job_lib.JobSpec:
   s = u.s
   ncls = u.num_classes if s.class_conditional else None
   if ncls and s.sample.labels and not all(0 <= v < ncls for v in s.sample.labels):
@@ -215,23 +283,31 @@ def job_spec(u: ModelSetup, step: int, num_samples: int | None = None) -> job_li
   return job_lib.JobSpec(num_samples=num_samples or s.sample.num_samples, shard_size=s.sample.shard_size,
                          seed=s.sample.seed, method=s.sample.method, num_steps=s.sample.num_steps,
                          eta=s.sample.eta, guidance_scale=s.sample.guidance_scale, labels=tuple(s.sample.labels),
-                         num_classes=ncls, checkpoint_step=step, sample_shape=tuple(u.sample_shape))
+                         num_classes=ncls, checkpoint_step=step, sample_shape=tuple(u.sample_shape),
+                         guide=guide.tag if guide is not None else "",
+                         guidance_interval=tuple(s.sample.guidance_interval))
 
 
 def default_out_dir(workdir: str, spec: job_lib.JobSpec) -> str:
+  guided = f"_auto{spec.guide.rsplit('@', 1)[1]}" if spec.guide else ""
+  interval = "" if tuple(spec.guidance_interval) == (0.0, 1.0) else "_t{:g}-{:g}".format(*spec.guidance_interval)
   return os.path.join(workdir, "samples", f"step{spec.checkpoint_step}_{spec.method}{spec.num_steps}"
-                      f"_w{spec.guidance_scale:g}_seed{spec.seed}")
+                      f"_w{spec.guidance_scale:g}{guided}{interval}_seed{spec.seed}")
 
 
 def run_sample_job(u: ModelSetup, params, spec: job_lib.JobSpec, out_dir: str, logger: Logger,
-                   sample_fn=None) -> dict:
+                   sample_fn=None, guide: GuideModel | None = None) -> dict:
   """Runs (or finishes) the job and writes its grid; returns the job's summary with the grid path.
 
   `sample_fn`: `job_lib.make_sample_fn`'s function for `spec`, when the caller keeps one to reuse
   (the same function object is jitted without retracing); default: a new one.
+  `guide`: autoguidance's guiding model (`restore_guide`); `params` are then the main model's alone.
   """
   s = u.s
-  fn = sample_fn or job_lib.make_sample_fn(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class)
+  fn = sample_fn or job_lib.make_sample_fn(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class,
+                                           guide=guide.guide if guide is not None else None)
+  if guide is not None:
+    params = (params, guide.params)
   is_image = len(u.sample_shape) == 3
   out = job_lib.run_job(fn, params, spec, out_dir, u.mesh, log=logger.info, is_image=is_image)
   if jax.process_index() == 0:

@@ -62,6 +62,8 @@ class JobSpec:
   num_classes: int | None = None  # None: unconditional
   checkpoint_step: int = -1
   sample_shape: tuple = ()
+  guide: str = ""                 # autoguidance: "<guide workdir>@<step>"; "" = CFG (or none)
+  guidance_interval: tuple = (0.0, 1.0)
 
   @property
   def num_shards(self) -> int:
@@ -78,7 +80,15 @@ class JobSpec:
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d["labels"], d["sample_shape"] = list(self.labels), list(self.sample_shape)
+    d["guidance_interval"] = [float(v) for v in self.guidance_interval]
     return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Guide:
+  """The guiding network of autoguidance: a Linen module and its target (the schedule is the main model's)."""
+  module: object
+  target: str
 
 
 def labels_for(spec: JobSpec, indices: np.ndarray) -> np.ndarray | None:
@@ -91,18 +101,30 @@ def labels_for(spec: JobSpec, indices: np.ndarray) -> np.ndarray | None:
   return (idx % spec.num_classes).astype(np.int32)
 
 
-def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: int | None) -> Callable:
-  """fn(params, indices [B] uint32, labels [B] int32 | None, scale) -> float32 samples [B, *shape]."""
+def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: int | None,
+                   guide: Guide | None = None) -> Callable:
+  """fn(params, indices [B] uint32, labels [B] int32 | None, scale) -> float32 samples [B, *shape].
+
+  Guidance with weight `scale` (spec.guidance_interval applies): with `guide`,
+  autoguidance (`core.guidance.autoguidance`, params = (main params, guide params));
+  else CFG against the null class when the model is conditional.
+  """
   from diffusax.nn import bridge
   options = spec.sampler_options()
   shape = tuple(spec.sample_shape)
   base = jax.random.key(spec.seed)
   k_noise, k_loop = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
+  interval = None if tuple(spec.guidance_interval) == (0.0, 1.0) else tuple(spec.guidance_interval)
 
   def run(params, x_T, labels, scale, key):
+    if guide is not None:
+      params, guide_params = params
     model = Model(bridge.denoiser(module, {"params": params}), target, schedule)
-    if null_class is not None:
-      model = guidance.cfg(model, null_cond=null_class, scale=scale)
+    if guide is not None:
+      weak = Model(bridge.denoiser(guide.module, {"params": guide_params}), guide.target, schedule)
+      model = guidance.autoguidance(model, weak, scale=scale, interval=interval)
+    elif null_class is not None:
+      model = guidance.cfg(model, null_cond=null_class, scale=scale, interval=interval)
     return samplers.sample(model, x_T, key=key, method=spec.method, num_steps=spec.num_steps, cond=labels,
                            options=options)
 
@@ -160,7 +182,8 @@ def prepare_dir(out_dir: str, spec: JobSpec) -> set[int]:
   meta = os.path.join(out_dir, "job.json")
   want = spec.to_json()
   if os.path.exists(meta):
-    have = json.load(open(meta))
+    # Keys added to JobSpec later read as their defaults in an older job.json.
+    have = {**JobSpec(0, 1, 0, "", 0, 0.0, 0.0).to_json(), **json.load(open(meta))}
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if diff:
       raise JobMismatch(f"{out_dir} holds samples of a different job (differs in {diff}: "
