@@ -331,16 +331,16 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
     assert (h["loss"], h["grad_norm"], h["lr"]) == (ha[s]["loss"], ha[s]["grad_norm"], ha[s]["lr"])
 
 
-@pytest.mark.parametrize("name", ["digits", "toy2d", "cifar10"])
+@pytest.mark.parametrize("name", ["digits", "digits_small", "toy2d", "cifar10"])
 def test_every_config_parses_and_its_network_builds(name):
   import importlib
   import jax
   import jax.numpy as jnp
   cfg = importlib.import_module(name).get_config()
   s = settings_lib.parse(cfg)
-  ncls = {"digits": 10, "toy2d": None, "cifar10": 10}[name] if s.class_conditional else None
+  ncls = {"digits": 10, "digits_small": 10, "toy2d": None, "cifar10": 10}[name] if s.class_conditional else None
   module = setup_lib.build_module(s, ncls)
-  shape = {"digits": (8, 8, 1), "toy2d": (2,), "cifar10": (32, 32, 3)}[name]
+  shape = {"digits": (8, 8, 1), "digits_small": (8, 8, 1), "toy2d": (2,), "cifar10": (32, 32, 3)}[name]
   x = jax.ShapeDtypeStruct((2,) + shape, jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.float32)
   y = jax.ShapeDtypeStruct((2,), jnp.int32) if ncls else None
