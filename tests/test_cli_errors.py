@@ -94,6 +94,17 @@ def test_command_line_errors_are_one_line(tmp_path):
       "config without a return": (
           [f"--config={no_return}", f"--workdir={wd}"],
           f"--config={no_return}: get_config() returned None (a missing return?)"),
+      "post-hoc EMA without snapshots": (
+          [toy, f"--workdir={wd}", "--mode=phema"],
+          f"no EMA snapshots in {wd}/ema_snapshots: train with ema.sigma_rels (e.g. (0.05, 0.1)) and "
+          "ema.snapshot_every > 0 first"),
+      "a guide without checkpoints": (
+          [toy, f"--workdir={wd}", "--mode=sample", f"--config.sample.guide_workdir={tmp_path}/guide"],
+          f"sample.guide_workdir={tmp_path}/guide: no checkpoint in {tmp_path}/guide/checkpoints "
+          "(the guiding model's run directory)"),
+      "power EMA out of range": (
+          [toy, f"--workdir={wd}", "--config.ema.sigma_rels=(0.05,0.4)"],
+          "ema.sigma_rels must be a relative std in (0, 0.2887] (1/sqrt(12), the uniform average), got 0.4"),
   }
   results = _run_cases([argv for argv, _ in cases.values()])
   for (name, (argv, line)), r in zip(cases.items(), results):

@@ -67,6 +67,10 @@ def data_dir(tmp_path_factory):
     ("data.workers", -1, r"data.workers must be an integer >= 0, got -1"),
     ("data.prefetch", -2, r"data.prefetch must be an integer >= 0, got -2"),
     ("data.crop_min_scale", 0.0, r"data.crop_min_scale must be in \(0, 1\], got 0.0"),
+    ("ema.sigma_rels", (0.05, 0.3), r"ema.sigma_rels must be a relative std in \(0, 0.2887\]"),
+    ("ema.snapshot_every", 100, r"ema.snapshot_every > 0 snapshots the power-function EMAs, but ema.sigma_rels is empty"),
+    ("ema.reconstruct_from", (0.2,), r"ema.reconstruct_from \[0.2\] are not tracked"),
+    ("sample.guidance_interval", (0.8, 0.2), r"sample.guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1"),
 ])
 def test_bad_settings_are_refused(data_dir, key, value, match):
   with pytest.raises(ConfigError, match=match):
@@ -249,7 +253,7 @@ at, ready = int(sys.argv[1]), sys.argv[2]
 save = checkpoint.Checkpointer.save
 
 def blocking_save(self, step, state, meta):
-  if int(step) == at:
+  if int(step) == at and self.directory.endswith("checkpoints"):  # not the EMA snapshots
     self.wait()
     open(ready, "w").close()
     while True:
@@ -289,7 +293,9 @@ def _kill_when_ready(p, ready: str, what: str, timeout: float = 300) -> None:
 
 def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
   steps = 80
-  extra = ["--config.train.ckpt_every=20", "--config.data.workers=2"]  # kill -9 with grain workers alive
+  # kill -9 with grain workers alive, and power-function EMAs snapshotted every 10 steps
+  extra = ["--config.train.ckpt_every=20", "--config.data.workers=2", "--config.ema.sigma_rels=(0.05,0.1)",
+           "--config.ema.snapshot_every=10"]
   ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
   r = _main(_toy_args(data_dir, ref, steps, extra))
   assert r.returncode == 0, r.stderr[-2000:]
@@ -324,6 +330,14 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
   assert len(leaves_a) == len(leaves_b) > 0
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Every EMA snapshot (those the killed run wrote, those the resumed run wrote) is the uninterrupted run's.
+  snaps = lambda wd: sorted(int(d) for d in os.listdir(os.path.join(wd, "ema_snapshots")) if d.isdigit())  # noqa: E731
+  assert snaps(ref) == snaps(cut) == list(range(10, steps + 1, 10))
+  import orbax.checkpoint as ocp
+  for st in snaps(ref):
+    a, b = (ocp.StandardCheckpointer().restore(os.path.join(wd, "ema_snapshots", str(st), "state")) for wd in (ref, cut))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   ha = {h["step"]: h for h in json.load(open(os.path.join(ref, "metrics.json")))["history"]}
   hb = {h["step"]: h for h in json.load(open(os.path.join(cut, "metrics.json")))["history"]}
   assert sorted(hb) == [50, 60, 70, 80]  # the resumed run's log steps: the redone 41-60 and the rest

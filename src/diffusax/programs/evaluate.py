@@ -255,6 +255,7 @@ def check(s: Settings, data) -> None:
 
 def run(s: Settings, workdir: str, devices=None, traces: setup_lib.TraceCounts | None = None) -> dict:
   """Evaluates the first EMA of a checkpoint; reads only those parameters and the eval data."""
+  setup_lib.check_guide(s)
   u = setup_lib.model_setup(s, devices)
   Evaluator(u, traces)  # Refuses a missing weights file before loading anything.
   logger = Logger(workdir, enabled=jax.process_index() == 0)

@@ -36,6 +36,14 @@ from diffusax.sampling import job as job_lib
 from diffusax.training import power_ema
 
 
+def check_snapshots(workdir: str) -> None:
+  """Refuses a workdir without EMA snapshots before any device work (a look at the folder only)."""
+  d = os.path.join(workdir, setup_lib.SNAPSHOT_DIR)
+  if not (os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))):
+    raise ConfigError(f"no EMA snapshots in {d}: train with ema.sigma_rels (e.g. (0.05, 0.1)) and "
+                      "ema.snapshot_every > 0 first")
+
+
 def _snapshot_table(u: setup_lib.ModelSetup, snaps: ckpt_lib.Checkpointer, target_step: int):
   """(target step, [(step, sigma_rels of that snapshot)] up to it), checked against the settings."""
   steps = sorted(snaps.all_steps())
@@ -142,6 +150,7 @@ def write_params(u: setup_lib.ModelSetup, params, step: int, out: str, info: dic
 
 def run(s: Settings, workdir: str, devices=None) -> dict:
   """--mode=phema: reconstruct ema.target_sigma_rel at ema.target_step and write it as a checkpoint."""
+  check_snapshots(workdir)
   u = setup_lib.model_setup(s, devices)
   e = u.s.ema
   logger = Logger(workdir, enabled=jax.process_index() == 0)
@@ -180,6 +189,7 @@ def sweep(s: Settings, workdir: str, evaluator, devices=None) -> dict:
 
   `evaluator`: `programs.evaluate.Evaluator` (handed in by main: programs do not import each other).
   """
+  check_snapshots(workdir)
   u = setup_lib.model_setup(s, devices)
   e = u.s.ema
   ev = evaluator(u)

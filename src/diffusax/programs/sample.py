@@ -19,6 +19,7 @@ from diffusax.sampling import job as job_lib
 
 
 def run(s: Settings, workdir: str, devices=None) -> dict:
+  setup_lib.check_guide(s)
   u = setup_lib.model_setup(s, devices)
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   try:

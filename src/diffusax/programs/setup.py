@@ -223,6 +223,14 @@ class GuideModel:
     return job_lib.Guide(self.setup.module, self.setup.s.loss.target)
 
 
+def check_guide(s: Settings) -> None:
+  """Refuses a sample.guide_workdir without checkpoints before any device work (a look at the folder only)."""
+  wd = s.sample.guide_workdir
+  d = os.path.join(wd, "checkpoints")
+  if wd and not (os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))):
+    raise ConfigError(f"sample.guide_workdir={wd}: no checkpoint in {d} (the guiding model's run directory)")
+
+
 def restore_guide(u: ModelSetup, logger: Logger | None = None) -> GuideModel | None:
   """The guiding model of sample.guide_workdir (None when it is ""), EMA params on u's mesh.
 
