@@ -137,11 +137,11 @@ def toy2d_guide(wd: str, data_dir: str) -> dict:
   sg = dataclasses.replace(s, sample=dataclasses.replace(s.sample, guide_workdir=guide_wd))
   guide = setup_lib.restore_guide(setup_lib.model_setup(sg), logger)
   test = sources.toy_gmm2d(seed=1)
-  real = np.stack([test[i]["x"] for i in range(4096)]).astype(np.float64)
+  real = test.arrays["x"][:4096].astype(np.float64)
   angles = 2 * np.pi * np.arange(8) / 8
   modes = 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
   # Which label is which mode: the data's own (nearest mode of each real point, majority per label).
-  lab_real = np.asarray([test[i]["label"] for i in range(4096)])
+  lab_real = test.arrays["label"][:4096]
   near_real = np.argmin(((real[:, None] - modes[None]) ** 2).sum(-1), 1)
   mode_of = {k: int(np.bincount(near_real[lab_real == k], minlength=8).argmax()) for k in range(8)}
   out = {"train_seconds": round(train_s, 1), "cfg": [], "auto": []}

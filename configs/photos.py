@@ -37,10 +37,10 @@ def get_config():
   c.optim.end_lr_factor = 0.05
   c.ema.decays = (0.999,)
   c.train.batch_size = 32
-  c.train.num_steps = 1200
+  c.train.num_steps = 900
   c.train.log_every = 100
-  c.train.eval_every = 600
-  c.train.ckpt_every = 600
+  c.train.eval_every = 450
+  c.train.ckpt_every = 450
   c.sample.method = "dpm_solver_pp_2m"
   c.sample.num_steps = 30
   c.sample.guidance_scale = 1.0            # guided = cond + w (cond - uncond).

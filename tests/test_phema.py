@@ -175,6 +175,9 @@ def test_phema_writes_the_least_squares_combination_that_sample_mode_reads(toy_r
   c2.sample.num_samples, c2.sample.shard_size = 8, 8
   res = sample.run(settings_lib.parse(c2), out["workdir"])
   assert res["step"] == 20 and res["num_samples"] == 8
+  assert out["workdir"].endswith("phema/sigma_rel0.15_step20_from0.05-0.1")
+  again = phema.run(settings_lib.parse(c2), wd)  # the same reconstruction again: kept, not rewritten
+  assert again["checkpoint"] == out["checkpoint"]
   from diffusax.programs import train
   with pytest.raises(settings_lib.ConfigError, match="holds post-hoc EMA parameters written by --mode=phema"):
     train.train_and_evaluate(settings_lib.parse(c2), out["workdir"])

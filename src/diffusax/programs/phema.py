@@ -131,15 +131,31 @@ def relative_distance(a, b) -> float:
   return float(np.sqrt(num / max(den, 1e-30)))
 
 
-def out_workdir(workdir: str, sigma_rel: float, step: int) -> str:
-  return os.path.join(workdir, "phema", f"sigma_rel{sigma_rel:g}_step{step}")
+def _sources_tag(sources) -> str:
+  return "" if not sources else "_from" + "-".join(f"{v:g}" for v in sources)
+
+
+def out_workdir(workdir: str, sigma_rel: float, step: int, sources=()) -> str:
+  """WORKDIR/phema/sigma_rel<v>_step<S>[_from<a>-<b>]: one folder per distinct reconstruction."""
+  return os.path.join(workdir, "phema", f"sigma_rel{sigma_rel:g}_step{step}{_sources_tag(sources)}")
 
 
 def write_params(u: setup_lib.ModelSetup, params, step: int, out: str, info: dict, logger: Logger) -> str:
-  """Writes `params` as checkpoint `step` of the workdir `out` (an EmaOnlyState; sample/eval read it)."""
+  """Writes `params` as checkpoint `step` of the workdir `out` (an EmaOnlyState; sample/eval read it).
+
+  The reconstruction is a pure function of the snapshots, so one already written with the same `info`
+  is kept as it is (its samples and evaluations stay valid); a different one in its place is refused.
+  """
   ckpt = ckpt_lib.Checkpointer(os.path.join(out, "checkpoints"), keep=1, async_save=False,
                                replicated_sharding=setup_lib.mesh_lib.replicated(u.mesh), log=logger.info)
   try:
+    if step in ckpt.all_steps():
+      have = ckpt.read_meta(step).get("phema")
+      if have == json.loads(json.dumps(info)):
+        logger.info(f"{out} already holds this reconstruction; kept")
+        return os.path.join(out, "checkpoints", str(step))
+      raise ConfigError(f"{out} holds a different reconstruction ({have}); the snapshots changed since it was "
+                        "written: remove that folder to write it again")
     state = setup_lib.EmaOnlyState(step=jnp.asarray(step, jnp.int32), ema_params=(params,))
     ckpt.save(step, state, {"kind": setup_lib.PHEMA_KIND, "signature": u.signature, "step": step, "phema": info})
     ckpt.wait()
@@ -162,7 +178,7 @@ def run(s: Settings, workdir: str, devices=None) -> dict:
     info = {"target_sigma_rel": e.target_sigma_rel, "target_gamma": power_ema.gamma_from_sigma_rel(e.target_sigma_rel),
             "target_step": step, "snapshots": len(table), "terms": len(coefs),
             "coefficient_l1": float(np.abs(x).sum()), "fit_residual": fit_residual(st, gm, x, step, e.target_sigma_rel)}
-    out = out_workdir(workdir, e.target_sigma_rel, step)
+    out = out_workdir(workdir, e.target_sigma_rel, step, e.reconstruct_from)
     path = write_params(u, params, step, out, info, logger)
     logger.info(f"post-hoc EMA sigma_rel {e.target_sigma_rel:g} at step {step} from {len(coefs)} snapshot EMAs "
                 f"(sum |x| {info['coefficient_l1']:.3g}, relative L2 misfit of the profile "
@@ -201,13 +217,15 @@ def sweep(s: Settings, workdir: str, evaluator, devices=None) -> dict:
     for v in e.sweep:
       coefs, (st, gm, x) = coefficients(u, table, step, v, e.reconstruct_from)
       params = reconstruct(u, snaps, table, coefs)
-      res = ev.evaluate(params, step, os.path.join(workdir, "phema", "sweep", f"sigma_rel{v:g}"), logger)
+      # One folder per reconstruction: its samples are resumable and never mixed with another's.
+      res = ev.evaluate(params, step, out_workdir(os.path.join(workdir, "phema", "sweep"), v, step,
+                                                  e.reconstruct_from), logger)
       row = {"sigma_rel": v, "metrics": res["metrics"], "coefficient_l1": float(np.abs(x).sum()),
              "fit_residual": fit_residual(st, gm, x, step, v)}
       trained = tracked(u, snaps, step, v) if e.reconstruct_from and v not in e.reconstruct_from else None
       if trained is not None:
-        row["trained"] = ev.evaluate(trained, step, os.path.join(workdir, "phema", "sweep", f"trained{v:g}"),
-                                     logger)["metrics"]
+        row["trained"] = ev.evaluate(trained, step, os.path.join(workdir, "phema", "sweep",
+                                                                 f"trained_sigma_rel{v:g}_step{step}"), logger)["metrics"]
         row["param_relative_distance"] = relative_distance(params, trained)
       rows.append(row)
       logger.info(f"sigma_rel {v:g}: " + ", ".join(f"{k} {m:.4g}" for k, m in res["metrics"].items())
