@@ -62,3 +62,20 @@ def tiny_digits(tmp_path_factory):
   args = ["--config=configs/digits.py", f"--workdir={wd}", f"--config.data.data_dir={data_dir}"] + \
       [f"--config.{k}={fmt(v)}" for k, v in over.items()]
   return {"data_dir": data_dir, "workdir": wd, "result": result, "args": args}
+
+
+@pytest.fixture(scope="session")
+def digits_dit_run(tmp_path_factory):
+  """30 steps of the digits with a tiny DiT (tests/test_train.py `_digits_dit`: 2 grain workers, flips,
+  class-conditional), tracking power-function EMAs of sigma_rel 0.05, 0.1 and 0.15 with a snapshot every
+  10 steps and a checkpoint every 10. Shared by the grain resume test (its uninterrupted reference) and
+  the post-hoc EMA / autoguidance program tests: one training run and one compile for both.
+  Returns dict(config, data_dir, workdir, result)."""
+  from test_train import _digits_dit
+  from diffusax.programs import settings as settings_lib
+  from diffusax.programs import train
+  root = tmp_path_factory.mktemp("digits_dit")
+  data_dir, wd = str(root / "tfds"), str(root / "run")
+  c = _digits_dit(data_dir, **{"ema.sigma_rels": (0.05, 0.1, 0.15), "ema.snapshot_every": 10})
+  result = train.train_and_evaluate(settings_lib.parse(c), wd)
+  return {"config": c, "data_dir": data_dir, "workdir": wd, "result": result}

@@ -110,16 +110,12 @@ RELS = (0.05, 0.1, 0.15)
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-  """A 30-step toy2d run tracking three power EMAs with a snapshot every 10 steps."""
-  from test_train import _toy
-  from diffusax.programs import settings as settings_lib
-  from diffusax.programs import train
-  base = tmp_path_factory.mktemp("phema")
-  data_dir, wd = str(base / "tfds"), str(base / "run")
-  c = _toy(data_dir, **{"ema.sigma_rels": RELS, "ema.snapshot_every": 10})
-  out = train.train_and_evaluate(settings_lib.parse(c), wd)
-  return c, wd, out
+def toy_run(digits_dit_run):
+  """(config, workdir, result) of the shared 30-step digits DiT run (tests/conftest.py) that tracks the
+  power EMAs of RELS with a snapshot and a checkpoint every 10 steps."""
+  c = digits_dit_run["config"]
+  assert tuple(c.ema.sigma_rels) == RELS and c.ema.snapshot_every == 10
+  return c, digits_dit_run["workdir"], digits_dit_run["result"]
 
 
 def _raw_snapshot(wd, step):
@@ -266,15 +262,16 @@ def test_autoguidance_by_an_earlier_checkpoint_in_sample_mode(toy_run, tmp_path)
   g = Model(bridge.denoiser(u.module, {"params": weak}), s.loss.target, u.schedule)
   x_T = generate.initial_noise(jax.random.fold_in(jax.random.key(s.sample.seed), 0), np.arange(16),
                                u.sample_shape, u.schedule.prior_std)
-  run = lambda model: np.asarray(samplers.sample(model, x_T, key=jax.random.key(0), method=s.sample.method,  # noqa: E731
-                                                 num_steps=s.sample.num_steps))
-  # (a 30-step toy model: guided samples reach |x| ~ 100, so a relative tolerance)
-  np.testing.assert_allclose(got, run(guidance.autoguidance(m, g, scale=1.5)), rtol=1e-4, atol=1e-4)
+  labels = jnp.arange(16, dtype=jnp.int32) % 10  # the job's balanced labels, i mod classes
+  run = lambda model: generate.to_uint8(samplers.sample(  # noqa: E731
+      model, x_T, key=jax.random.key(0), method=s.sample.method, num_steps=s.sample.num_steps, cond=labels))
+  level = lambda a, b: np.abs(a.astype(int) - b.astype(int)).max()  # noqa: E731 - in uint8 levels
+  assert level(got, run(guidance.autoguidance(m, g, scale=1.5))) <= 1  # float32 rounding at a level edge
   unguided = run(m)
-  assert np.abs(got - unguided).max() > 1e-2  # the guide changed the samples
+  assert level(got, unguided) > 8  # the guide changed the samples
   c1.sample.guidance_scale, c1.sample.output_dir = 0.0, str(tmp_path / "w0")
   w0 = job_lib.load(sample.run(settings_lib.parse(c1), wd)["out_dir"])["samples"]
-  np.testing.assert_allclose(w0, unguided, rtol=1e-4, atol=1e-4)
+  assert level(w0, unguided) <= 1
   c1.sample.guide_step = 7
   with pytest.raises(settings_lib.ConfigError, match=r"sample.guide_step=7 is not in .*checkpoints; it has \[10, 20, 30\]"):
     sample.run(settings_lib.parse(c1), wd)

@@ -171,19 +171,27 @@ def _digits_dit(data_dir, **over):
   return _override(c, vals)
 
 
-def test_resume_with_grain_workers_flips_and_an_epoch_boundary_is_bit_identical(data_dir, tmp_path):
-  """30 steps uninterrupted (2 workers) against a resume from its step-10 checkpoint alone (the later
-  ones deleted) to 30 with 1 worker: the epoch boundary (batch 22) and the flips of epoch 1 fall in
-  the resumed span."""
+def test_resume_with_grain_workers_flips_and_an_epoch_boundary_is_bit_identical(digits_dit_run, tmp_path):
+  """30 steps uninterrupted (2 workers; tests/conftest.py `digits_dit_run`) against a resume from its
+  step-10 checkpoint alone (the later ones deleted) to 30 with 1 worker: the epoch boundary (batch 22)
+  and the flips of epoch 1 fall in the resumed span. The power-function EMAs and their snapshots resume
+  too (the resumed run writes snapshots 20 and 30 again)."""
   import shutil
 
   import jax
-  ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-  train.train_and_evaluate(settings_lib.parse(_digits_dit(data_dir)), ref)
+  import orbax.checkpoint as ocp
+  ref, cut = digits_dit_run["workdir"], str(tmp_path / "cut")
   shutil.copytree(os.path.join(ref, "checkpoints"), os.path.join(cut, "checkpoints"))
   for step in ("20", "30"):
     shutil.rmtree(os.path.join(cut, "checkpoints", step))
-  out = train.train_and_evaluate(settings_lib.parse(_digits_dit(data_dir, **{"data.workers": 1})), cut)
+  c = digits_dit_run["config"].copy_and_resolve_references()
+  c.data.workers = 1
+  out = train.train_and_evaluate(settings_lib.parse(c), cut)
+  assert out["ema_snapshots"]["steps"] == [20, 30]
+  for st in (20, 30):
+    a, b = (ocp.StandardCheckpointer().restore(os.path.join(wd, "ema_snapshots", str(st), "state")) for wd in (ref, cut))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert out["step"] == 30
   a, b = _restore_state(ref, 30), _restore_state(cut, 30)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
