@@ -283,3 +283,72 @@ def test_errors_name_the_argument():
 def test_drop_labels_refuses_impossible_probability():
   with pytest.raises(ValueError, match=r"p must lie in \[0, 1\], got 1.5"):
     losses.drop_labels(jax.random.key(0), jnp.arange(4), 1.5, 10)
+
+
+# ---------------------------------------------------------------------------
+# Improved DDPM's L_vlb term of a learned-variance model, against Ho et al.'s formulas in float64.
+
+def _ddpm_np(betas):
+  """(abar [T+1] with abar_0 = 1, beta_tilde [T+1]) from the betas, Ho et al. 2020 eq. 6-7."""
+  betas = np.asarray(betas, np.float64)
+  abar = np.concatenate([[1.0], np.cumprod(1.0 - betas)])
+  bt = np.concatenate([[0.0], (1.0 - abar[:-1]) / (1.0 - abar[1:]) * betas])
+  return abar, np.concatenate([[0.0], betas]), bt
+
+
+def test_vlb_loss_is_the_gaussian_kl_with_the_interpolated_variance_and_the_decoder_at_the_first_step():
+  import scipy.stats
+  T = 20
+  betas = np.linspace(1e-3, 0.2, T)
+  sched = schedules.Discrete.from_betas(jnp.asarray(betas, jnp.float32))
+  abar, beta, btilde = _ddpm_np(betas)
+  rng = np.random.default_rng(0)
+  b, d = 6, 5
+  k = np.array([1, 2, 5, 10, 19, 20])  # step k: t = k / T, s = (k - 1) / T; k = 1 is the decoder
+  x0 = rng.choice(np.linspace(-1, 1, 17), size=(b, d))  # 17-level data
+  x_t = np.sqrt(abar[k])[:, None] * x0 + np.sqrt(1 - abar[k])[:, None] * rng.normal(size=(b, d))
+  x0_hat = np.clip(x0 + 0.1 * rng.normal(size=(b, d)), -1, 1)
+  v = rng.uniform(-1, 1, size=(b, d))
+  got = np.asarray(losses.vlb_loss(sched, x0, x_t, jnp.asarray(k / T, jnp.float32), x0_hat, v, dt=1.0 / T,
+                                   decoder="discretized", num_bins=17))
+
+  def mu(x0_, xt, kk):  # Ho et al. 2020, eq. 7
+    c0 = np.sqrt(abar[kk - 1]) * beta[kk] / (1 - abar[kk])
+    ct = np.sqrt(1 - beta[kk]) * (1 - abar[kk - 1]) / (1 - abar[kk])
+    return c0[:, None] * x0_ + ct[:, None] * xt
+
+  frac = (v + 1) / 2
+  small = np.where(k == 1, btilde[np.minimum(k + 1, T)], btilde[k])  # the clipped beta_tilde at k = 1
+  log_var = frac * np.log(beta[k])[:, None] + (1 - frac) * np.log(small)[:, None]
+  var_p = np.exp(log_var)
+  mq, mp, vq = mu(x0, x_t, k), mu(x0_hat, x_t, k), btilde[k][:, None]
+  kl = 0.5 * (np.log(var_p) - np.log(vq) + (vq + (mq - mp) ** 2) / var_p - 1)
+  half, std = 1 / 16, np.sqrt(var_p)
+  n = scipy.stats.norm
+  up, lo = (x0 - x0_hat + half) / std, (x0 - x0_hat - half) / std
+  # The bin's mass, on the side of the mean where float64 keeps it (the tails are far out: std ~ 0.03).
+  mass = np.where(lo > 0, n.sf(lo) - n.sf(up), n.cdf(up) - n.cdf(lo))
+  p = np.where(x0 < -1 + half, n.cdf(up), np.where(x0 > 1 - half, n.sf(lo), mass))
+  want = np.where((k == 1)[:, None], -np.log(p), kl).mean(1) / np.log(2)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+  assert np.all(want[1:] > 0) and np.ptp(want) > 0.1  # a real comparison, not of zeros
+
+
+def test_hybrid_loss_trains_the_mean_only_through_l_simple():
+  sched = schedules.get("vp_cosine")
+  rng = np.random.default_rng(1)
+  x0 = jnp.asarray(rng.uniform(-1, 1, (4, 3, 3, 2)), jnp.float32)
+  eps = jnp.asarray(rng.normal(size=x0.shape), jnp.float32)
+  t = jnp.asarray([0.0005, 0.1, 0.5, 0.9], jnp.float32)  # the first is below dt: the decoder term
+  out = jnp.asarray(rng.normal(size=(4, 3, 3, 4)) * 0.3, jnp.float32)
+  parts = lambda o: losses.hybrid_loss(sched, "eps", o, x0, eps, t, dt=1e-3, decoder="gaussian")[1]  # noqa: E731
+  g_vlb = jax.grad(lambda o: jnp.sum(parts(o)["vlb"]))(out)
+  g_simple = jax.grad(lambda o: jnp.sum(parts(o)["simple"]))(out)
+  assert np.all(np.asarray(g_vlb[..., :2]) == 0.0)  # the mean's gradient is stopped in L_vlb
+  assert np.all(np.abs(np.asarray(g_vlb[..., 2:])).sum((1, 2, 3)) > 0)
+  assert np.all(np.asarray(g_simple[..., 2:]) == 0.0) and np.abs(np.asarray(g_simple[..., :2])).sum() > 0
+  total, p = losses.hybrid_loss(sched, "eps", out, x0, eps, t, dt=1e-3, vlb_weight=1e-3, decoder="gaussian")
+  np.testing.assert_allclose(total, p["simple"] + 1e-3 * p["vlb"], rtol=1e-6)
+  np.testing.assert_allclose(p["simple"], losses.diffusion_loss(sched, "eps", out[..., :2], x0, eps, t), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"a learned-variance output needs 2C = 4 channels"):
+    losses.hybrid_loss(sched, "eps", out[..., :3], x0, eps, t, dt=1e-3)

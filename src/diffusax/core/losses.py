@@ -117,6 +117,92 @@ def diffusion_loss(schedule: Schedule, target: str, pred, x0, eps, t, *,
 
 
 # ---------------------------------------------------------------------------
+# The VLB term of a learned-variance model (improved DDPM, Nichol & Dhariwal 2021).
+
+def learned_variance_log_var(schedule: Schedule, t, s, var_interp, dt=None):
+  """log Sigma of the model step s < t: f log beta + (1 - f) log beta_tilde, f = (var_interp + 1) / 2.
+
+  beta = sigma_{t|s}^2 = sigma_t^2 r and beta_tilde = sigma_s^2 r with r = 1 - SNR_t / SNR_s
+  (Nichol & Dhariwal 2021, eq. 15; the DDPM sampler's interpolation). Where s = 0, beta_tilde = 0:
+  it is replaced by the beta_tilde of the next step (t + dt, t) as in their clipped posterior
+  variance; `dt` is needed only then. t, s: [B]; var_interp: [B, ...]; returns [B, ...] float32.
+  """
+  t, s = jnp.asarray(t, F32), jnp.asarray(s, F32)
+  lt, ls = schedule.log_snr(t), schedule.log_snr(s)
+  r = jnp.where(s <= 0.0, 1.0, -jnp.expm1(lt - ls))  # s = 0 is the clean end (SNR = inf) on every schedule
+  log_large = jnp.log(jnp.square(schedule.sigma(t)) * r)
+  small = jnp.square(schedule.sigma(s)) * r
+  if dt is not None:
+    t2 = jnp.minimum(t + dt, 1.0)
+    next_small = jnp.square(schedule.sigma(t)) * -jnp.expm1(schedule.log_snr(t2) - lt)
+    small = jnp.where(s <= 0.0, next_small, small)
+  log_small = jnp.log(jnp.maximum(small, 1e-20))
+  frac = (jnp.asarray(var_interp, F32) + 1.0) / 2.0
+  shape = (-1,) + (1,) * (frac.ndim - 1)
+  return frac * log_large.reshape(shape) + (1.0 - frac) * log_small.reshape(shape)
+
+
+def vlb_loss(schedule: Schedule, x0, x_t, t, x0_hat, var_interp, *, dt: float, decoder: str = "discretized",
+             num_bins: int = 256):
+  """L_t [B] in bits per dimension for a learned-variance model at x_t, t (improved DDPM's L_vlb term).
+
+  For s = max(t - dt, 0) > 0: KL(q(x_s | x_t, x0) || N(mu(x_t, x0_hat), Sigma)), the model mean being
+  the posterior mean with the model's x0 and log Sigma from `learned_variance_log_var`; for s = 0
+  (the first step): the decoder's -log p(x0 | x_t) with mean x0_hat (the posterior mean at s = 0)
+  and that variance, discretised to `num_bins` levels on [-1, 1] (8-bit data: 256) or a Gaussian
+  density (decoder="gaussian"). Averaged over dimensions and divided by ln 2, as in their code;
+  x0_hat is used as given (the hybrid loss stops its gradient). L_vlb = sum_t L_t ~ (1 / dt) E_t[L_t].
+  """
+  from diffusax.core import likelihood  # likelihood does not import losses
+  from diffusax.core import process
+  if decoder not in ("discretized", "gaussian"):
+    raise ValueError(f"unknown decoder {decoder!r}; allowed: ['discretized', 'gaussian']")
+  x0, x_t, x0_hat = (jnp.asarray(v, F32) for v in (x0, x_t, x0_hat))
+  check_same_shape(x0_hat, x0, "x0_hat", "x0")
+  check_same_shape(jnp.asarray(var_interp), x0, "var_interp", "x0")
+  t = jnp.asarray(t, F32)
+  s = jnp.maximum(t - dt, 0.0)
+  first = s <= 0.0
+  s_safe = jnp.where(first, jnp.minimum(t, dt) * 0.5, s)  # any 0 < s < t: the KL branch is not used there
+  log_var = learned_variance_log_var(schedule, t, jnp.where(first, 0.0, s), var_interp, dt)
+  mean_q, var_q = process.posterior(schedule, x0, x_t, t, s_safe)
+  mean_p, _ = process.posterior(schedule, x0_hat, x_t, t, s_safe)
+  kl = likelihood.normal_kl(mean_q, var_q, mean_p, jnp.exp(log_var))
+  log_scale = 0.5 * log_var
+  if decoder == "discretized":
+    nll = -likelihood.discretized_gaussian_log_likelihood(x0, x0_hat, log_scale, num_bins)
+  else:
+    nll = -likelihood.gaussian_log_likelihood(x0, x0_hat, log_scale)
+  first_b = first.reshape((-1,) + (1,) * (x0.ndim - 1))
+  per = jnp.where(first_b, nll, kl)
+  return jnp.mean(per.reshape(per.shape[0], -1), axis=1) / jnp.log(2.0)
+
+
+def hybrid_loss(schedule: Schedule, target: str, out, x0, eps, t, *, dt: float, vlb_weight: float = 1e-3,
+                weighting: str = "uniform", decoder: str = "discretized", num_bins: int = 256, **weighting_params):
+  """L_hybrid = L_simple + lambda L_vlb per example [B] (Nichol & Dhariwal 2021, sec. 3.1), and its parts.
+
+  `out` [B, ..., 2C] is a learned-variance network's output: the `target` prediction, then var_interp.
+  L_simple is `diffusion_loss` of the prediction; L_vlb = L_t / dt (the sum over the 1 / dt steps,
+  estimated at this t; their code's vb * T / 1000 with lambda = 1e-3) with the prediction's gradient
+  stopped, so L_vlb trains only the variance channels. Returns (total [B], {"simple", "vlb"} [B]).
+  """
+  out = jnp.asarray(out)
+  c = x0.shape[-1]
+  if out.shape[:-1] != x0.shape[:-1] or out.shape[-1] != 2 * c:
+    raise ValueError(f"a learned-variance output needs 2C = {2 * c} channels on the last axis of x0's shape; "
+                     f"got out.shape={tuple(out.shape)}, x0.shape={tuple(x0.shape)}")
+  pred, var_interp = out[..., :c], out[..., c:]
+  simple = diffusion_loss(schedule, target, pred, x0, eps, t, weighting=weighting, **weighting_params)
+  from diffusax.core import process
+  x_t = process.q_sample(schedule, x0, t, eps)
+  a, sg, da, ds = targets_lib.coefficients(schedule, jnp.asarray(t, F32))
+  x0_hat = targets_lib.to_x0_eps(target, jax.lax.stop_gradient(pred.astype(F32)), x_t, a, sg, da, ds)[0]
+  vlb = vlb_loss(schedule, x0, x_t, t, x0_hat, var_interp, dt=dt, decoder=decoder, num_bins=num_bins) / dt
+  return simple + vlb_weight * vlb, {"simple": simple, "vlb": vlb}
+
+
+# ---------------------------------------------------------------------------
 # Time samplers: (key, batch_size, ...) -> t [B] float32 in [t_min, 1].
 
 def uniform_t(key, batch_size: int, t_min: float = 1e-5, t_max: float = 1.0):
