@@ -126,6 +126,28 @@ def test_elbo_large_model_variance(vlb_gap):
   assert abs(mean - expect) < 5 * se + 1e-4 * expect, (mean, expect, se)
 
 
+@pytest.mark.parametrize("var_interp,closed_form", [(1.0, "large"), (-1.0, "small")])
+def test_elbo_learned_variance_at_its_ends_is_beta_or_beta_tilde(var_interp, closed_form):
+  """A learned-variance model whose variance channels sit at +1 (beta) or -1 (beta_tilde), with the exact
+  denoiser: the diffusion term against the closed forms of model_var="large" / "small", T = 10."""
+  sched = schedules.VPLinear()
+
+  def denoise(xt, t, cond):
+    a, sg = sched.alpha(t)[:, None], sched.sigma(t)[:, None]
+    x0 = M + a * S**2 / (a**2 * S**2 + sg**2) * (xt - a * M)
+    return jnp.concatenate([x0, jnp.full_like(x0, var_interp)], axis=-1)
+
+  model = Model(denoise, "x0", sched, learned_variance=True)
+  grid = likelihood.uniform_grid(10, 0.05)
+  x0 = M + S * jax.random.normal(jax.random.key(3), (B, D))
+  terms = jax.jit(lambda x: likelihood.vlb_terms(model, x, jax.random.key(4), grid, decoder="gaussian"))(x0)
+  mean, se = _mean_se(terms["diffusion"])
+  expect = np_expected_terms(grid, closed_form)["diffusion"]
+  assert abs(mean - expect) < 5 * se + 1e-4 * expect, (mean, expect, se)
+  with pytest.raises(ValueError, match=r"model_var='learned' needs a Model with learned_variance=True"):
+    likelihood.vlb_terms(x0_model(sched, lambda xt, t: xt), x0, jax.random.key(0), grid, model_var="learned")
+
+
 def test_vlb_discretized_decoder_on_ddpm_grid():
   """DDPM set-up: knots i/T, 8-bit data; decoder term equals -log of the bin mass (scipy)."""
   sched = schedules.get("ddpm_linear", num_steps=20)

@@ -63,7 +63,11 @@ def data_dir(tmp_path_factory):
     ("ema.decays", (1.5,), r"ema.decays must be .* in \[0, 1\)"),
     ("model.dtype", "float16", r"model.dtype must be 'float32' or 'bfloat16'"),
     ("train.batch_size", 0, r"train.batch_size must be a positive integer, got 0"),
-    ("model.mlp.learn_sigma", True, r"model.mlp.learn_sigma=True: .* no training loss trains them yet"),
+    ("model.mlp.learn_sigma", True, r"model.mlp.learn_sigma=True: the variance channels are trained only by "
+                                    r"L_vlb; set diffusion.objective='hybrid' \(got 'simple'\)"),
+    ("diffusion.objective", "hybrid", r"diffusion.objective='hybrid' trains learned variances: set "
+                                      r"model.mlp.learn_sigma=True"),
+    ("diffusion.objective", "vlb", r"unknown objective 'vlb'; allowed: \['simple', 'hybrid'\]"),
     ("data.workers", -1, r"data.workers must be an integer >= 0, got -1"),
     ("data.prefetch", -2, r"data.prefetch must be an integer >= 0, got -2"),
     ("data.crop_min_scale", 0.0, r"data.crop_min_scale must be in \(0, 1\], got 0.0"),
@@ -154,6 +158,22 @@ def test_train_compiles_once_and_resumes_in_process(data_dir, tmp_path):
   assert out["eval"] == rec["metrics"]
   # One evaluator for the run: the second evaluation reuses the compiled likelihood functions.
   assert traces["eval_bpd_vlb"] == traces["eval_bpd_ode"] == 1, traces
+
+
+def test_hybrid_objective_trains_learned_variances_end_to_end(data_dir, tmp_path):
+  """toy2d with a learned-variance MLP and L_hybrid: trains, samples with the ancestral sampler (which
+  reads the variance channels) and evaluates the VLB with them (model_var 'auto' -> learned)."""
+  import jax
+  import orbax.checkpoint as ocp
+  over = {"model.mlp.learn_sigma": True, "diffusion.objective": "hybrid", "diffusion.vlb_steps": 100,
+          "sample.method": "ddpm", "train.num_steps": 20, "train.full_eval": True, "train.eval_every": 0,
+          "eval.metrics": ("bpd_vlb",), "eval.bpd_examples": 16, "eval.vlb_steps": 8}
+  wd = str(tmp_path / "run")
+  out = train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **over)), wd, evaluator=evaluate.Evaluator)
+  assert out["step"] == 20 and np.isfinite(out["train_loss_last"]) and np.isfinite(out["eval"]["bpd_vlb"])
+  params = ocp.StandardCheckpointer().restore(os.path.join(wd, "checkpoints", "20", "state"))["params"]
+  shapes = {tuple(np.shape(leaf)) for leaf in jax.tree.leaves(params)}
+  assert (32, 4) in shapes and (32, 2) not in shapes  # the output layer: [eps | var_interp] for 2-D data
 
 
 def _digits_dit(data_dir, **over):
@@ -353,21 +373,22 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
     assert (h["loss"], h["grad_norm"], h["lr"]) == (ha[s]["loss"], ha[s]["grad_norm"], ha[s]["lr"])
 
 
-@pytest.mark.parametrize("name", ["digits", "digits_small", "toy2d", "cifar10"])
+@pytest.mark.parametrize("name", ["digits", "digits_small", "digits_iddpm", "toy2d", "cifar10"])
 def test_every_config_parses_and_its_network_builds(name):
   import importlib
   import jax
   import jax.numpy as jnp
   cfg = importlib.import_module(name).get_config()
   s = settings_lib.parse(cfg)
-  ncls = {"digits": 10, "digits_small": 10, "toy2d": None, "cifar10": 10}[name] if s.class_conditional else None
+  ncls = {"toy2d": None}.get(name, 10) if s.class_conditional else None
   module = setup_lib.build_module(s, ncls)
-  shape = {"digits": (8, 8, 1), "digits_small": (8, 8, 1), "toy2d": (2,), "cifar10": (32, 32, 3)}[name]
+  shape = {"toy2d": (2,), "cifar10": (32, 32, 3)}.get(name, (8, 8, 1))
   x = jax.ShapeDtypeStruct((2,) + shape, jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.float32)
   y = jax.ShapeDtypeStruct((2,), jnp.int32) if ncls else None
   out = jax.eval_shape(lambda k, x, t, y: module.apply(module.init(k, x, t, y), x, t, y), jax.random.key(0), x, t, y)
-  assert out.shape == (2,) + shape
+  channels = 2 if s.model_kwargs.get("learn_sigma") else 1  # learned variance: [prediction | var_interp]
+  assert out.shape == (2,) + shape[:-1] + (shape[-1] * channels,)
   if name == "cifar10":  # The DDPM CIFAR-10 U-Net: 35.7M parameters (Ho et al. 2020).
     params = jax.eval_shape(module.init, jax.random.key(0), x, t, y)["params"]
     n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))

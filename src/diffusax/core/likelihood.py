@@ -127,7 +127,7 @@ def uniform_grid(num_steps: int, t_min: float = 1e-3):
 
 
 def vlb_terms(model: Model, x0, key, t_grid, *, cond: Any = None, decoder: str = "discretized",
-              model_var: str = "small", decoder_log_scale=None):
+              model_var: str = "auto", decoder_log_scale=None):
   """Terms of the negative ELBO, each [B] in nats summed over dimensions.
 
   Args:
@@ -137,15 +137,22 @@ def vlb_terms(model: Model, x0, key, t_grid, *, cond: Any = None, decoder: str =
     key: PRNG key; step i uses fold_in(key, i).
     t_grid: [N] ascending times ending at 1 (N - 1 KL steps).
     decoder: "discretized" (8-bit data) or "gaussian" (continuous data).
-    model_var: "small" (posterior variance) or "large" (sigma^2_{t|s}).
+    model_var: "small" (posterior variance), "large" (sigma^2_{t|s}), "learned" (the model's
+      variance channels: `process.learned_variance_log_var`, also the decoder's scale, with the
+      first step's beta_tilde clipped to the next one's), or "auto" (learned when the model has
+      learned variance, else small).
   Returns: dict with "prior", "diffusion", "decoder" and "total".
   """
   model_lib.check(model)
   schedule = model.schedule
   if decoder not in ("discretized", "gaussian"):
     raise ValueError(f"unknown decoder {decoder!r}; allowed: ['discretized', 'gaussian']")
-  if model_var not in ("small", "large"):
-    raise ValueError(f"unknown model_var {model_var!r}; allowed: ['large', 'small']")
+  if model_var == "auto":
+    model_var = "learned" if model.learned_variance else "small"
+  if model_var not in ("small", "large", "learned"):
+    raise ValueError(f"unknown model_var {model_var!r}; allowed: ['auto', 'large', 'learned', 'small']")
+  if model_var == "learned" and not model.learned_variance:
+    raise ValueError("model_var='learned' needs a Model with learned_variance=True")
   x0 = jnp.asarray(x0, F32)
   t_grid = jnp.asarray(t_grid, F32)
   if t_grid.ndim != 1 or t_grid.shape[0] < 1:
@@ -158,13 +165,15 @@ def vlb_terms(model: Model, x0, key, t_grid, *, cond: Any = None, decoder: str =
     tb = jnp.full((b,), t)
     sb = jnp.full((b,), s)
     x_t = process.q_sample(schedule, x0, tb, eps)
-    x0_hat = model.predict(x_t, tb, cond).x0
+    pred = model.predict(x_t, tb, cond)
     mean_q, var_q = process.posterior(schedule, x0, x_t, tb, sb)
-    mean_p, _ = process.posterior(schedule, x0_hat, x_t, tb, sb)
+    mean_p, _ = process.posterior(schedule, pred.x0, x_t, tb, sb)
     if model_var == "small":
       var_p = var_q
-    else:
+    elif model_var == "large":
       var_p = process.transition(schedule, t, s)[1]
+    else:
+      var_p = jnp.exp(process.learned_variance_log_var(schedule, tb, sb, pred.var_interp))
     return carry + _sum_dims(normal_kl(mean_q, var_q, mean_p, var_p)), None
 
   n_kl = t_grid.shape[0] - 1
@@ -174,8 +183,13 @@ def vlb_terms(model: Model, x0, key, t_grid, *, cond: Any = None, decoder: str =
   eps0 = jax.random.normal(jax.random.fold_in(key, 0), x0.shape, F32)
   t0b = jnp.full((b,), t0)
   x_t0 = process.q_sample(schedule, x0, t0b, eps0)
-  x0_hat = model.predict(x_t0, t0b, cond).x0
-  if decoder_log_scale is None:
+  pred0 = model.predict(x_t0, t0b, cond)
+  x0_hat = pred0.x0
+  if decoder_log_scale is None and model_var == "learned":
+    dt = (t_grid[1] - t0) if t_grid.shape[0] > 1 else t0
+    decoder_log_scale = 0.5 * process.learned_variance_log_var(schedule, t0b, jnp.zeros_like(t0b),
+                                                               pred0.var_interp, dt)
+  elif decoder_log_scale is None:
     decoder_log_scale = -0.5 * schedule.log_snr(t0)
   if decoder == "discretized":
     ll = discretized_gaussian_log_likelihood(x0, x0_hat, decoder_log_scale)

@@ -119,35 +119,12 @@ def diffusion_loss(schedule: Schedule, target: str, pred, x0, eps, t, *,
 # ---------------------------------------------------------------------------
 # The VLB term of a learned-variance model (improved DDPM, Nichol & Dhariwal 2021).
 
-def learned_variance_log_var(schedule: Schedule, t, s, var_interp, dt=None):
-  """log Sigma of the model step s < t: f log beta + (1 - f) log beta_tilde, f = (var_interp + 1) / 2.
-
-  beta = sigma_{t|s}^2 = sigma_t^2 r and beta_tilde = sigma_s^2 r with r = 1 - SNR_t / SNR_s
-  (Nichol & Dhariwal 2021, eq. 15; the DDPM sampler's interpolation). Where s = 0, beta_tilde = 0:
-  it is replaced by the beta_tilde of the next step (t + dt, t) as in their clipped posterior
-  variance; `dt` is needed only then. t, s: [B]; var_interp: [B, ...]; returns [B, ...] float32.
-  """
-  t, s = jnp.asarray(t, F32), jnp.asarray(s, F32)
-  lt, ls = schedule.log_snr(t), schedule.log_snr(s)
-  r = jnp.where(s <= 0.0, 1.0, -jnp.expm1(lt - ls))  # s = 0 is the clean end (SNR = inf) on every schedule
-  log_large = jnp.log(jnp.square(schedule.sigma(t)) * r)
-  small = jnp.square(schedule.sigma(s)) * r
-  if dt is not None:
-    t2 = jnp.minimum(t + dt, 1.0)
-    next_small = jnp.square(schedule.sigma(t)) * -jnp.expm1(schedule.log_snr(t2) - lt)
-    small = jnp.where(s <= 0.0, next_small, small)
-  log_small = jnp.log(jnp.maximum(small, 1e-20))
-  frac = (jnp.asarray(var_interp, F32) + 1.0) / 2.0
-  shape = (-1,) + (1,) * (frac.ndim - 1)
-  return frac * log_large.reshape(shape) + (1.0 - frac) * log_small.reshape(shape)
-
-
 def vlb_loss(schedule: Schedule, x0, x_t, t, x0_hat, var_interp, *, dt: float, decoder: str = "discretized",
              num_bins: int = 256):
   """L_t [B] in bits per dimension for a learned-variance model at x_t, t (improved DDPM's L_vlb term).
 
   For s = max(t - dt, 0) > 0: KL(q(x_s | x_t, x0) || N(mu(x_t, x0_hat), Sigma)), the model mean being
-  the posterior mean with the model's x0 and log Sigma from `learned_variance_log_var`; for s = 0
+  the posterior mean with the model's x0 and log Sigma from `process.learned_variance_log_var`; for s = 0
   (the first step): the decoder's -log p(x0 | x_t) with mean x0_hat (the posterior mean at s = 0)
   and that variance, discretised to `num_bins` levels on [-1, 1] (8-bit data: 256) or a Gaussian
   density (decoder="gaussian"). Averaged over dimensions and divided by ln 2, as in their code;
@@ -164,7 +141,7 @@ def vlb_loss(schedule: Schedule, x0, x_t, t, x0_hat, var_interp, *, dt: float, d
   s = jnp.maximum(t - dt, 0.0)
   first = s <= 0.0
   s_safe = jnp.where(first, jnp.minimum(t, dt) * 0.5, s)  # any 0 < s < t: the KL branch is not used there
-  log_var = learned_variance_log_var(schedule, t, jnp.where(first, 0.0, s), var_interp, dt)
+  log_var = process.learned_variance_log_var(schedule, t, jnp.where(first, 0.0, s), var_interp, dt)
   mean_q, var_q = process.posterior(schedule, x0, x_t, t, s_safe)
   mean_p, _ = process.posterior(schedule, x0_hat, x_t, t, s_safe)
   kl = likelihood.normal_kl(mean_q, var_q, mean_p, jnp.exp(log_var))

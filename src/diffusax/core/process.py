@@ -93,6 +93,29 @@ def posterior(schedule: Schedule, x0, x_t, t, s):
   return mean.astype(_out_dtype(x0, x_t)), var
 
 
+def learned_variance_log_var(schedule: Schedule, t, s, var_interp, dt=None):
+  """log Sigma of the model step s < t: f log beta + (1 - f) log beta_tilde, f = (var_interp + 1) / 2.
+
+  beta = sigma_{t|s}^2 = sigma_t^2 r and beta_tilde = sigma_s^2 r with r = 1 - SNR_t / SNR_s
+  (Nichol & Dhariwal 2021, eq. 15; the DDPM sampler's interpolation). Where s = 0, beta_tilde = 0:
+  it is replaced by the beta_tilde of the next step (t + dt, t) as in their clipped posterior
+  variance; `dt` is needed only then. t, s: [B]; var_interp: [B, ...]; returns [B, ...] float32.
+  """
+  t, s = jnp.asarray(t, F32), jnp.asarray(s, F32)
+  lt, ls = schedule.log_snr(t), schedule.log_snr(s)
+  r = jnp.where(s <= 0.0, 1.0, -jnp.expm1(lt - ls))  # s = 0 is the clean end (SNR = inf) on every schedule
+  log_large = jnp.log(jnp.square(schedule.sigma(t)) * r)
+  small = jnp.square(schedule.sigma(s)) * r
+  if dt is not None:
+    t2 = jnp.minimum(t + dt, 1.0)
+    next_small = jnp.square(schedule.sigma(t)) * -jnp.expm1(schedule.log_snr(t2) - lt)
+    small = jnp.where(s <= 0.0, next_small, small)
+  log_small = jnp.log(jnp.maximum(small, 1e-20))
+  frac = (jnp.asarray(var_interp, F32) + 1.0) / 2.0
+  shape = (-1,) + (1,) * (frac.ndim - 1)
+  return frac * log_large.reshape(shape) + (1.0 - frac) * log_small.reshape(shape)
+
+
 def prior(schedule: Schedule):
   """(mean, std) of the prior p(x_1) = N(0, std^2 I) as float32 scalars."""
   return jnp.zeros((), F32), schedule.prior_std

@@ -7,6 +7,8 @@ variance channels) comes from the caller, who trained the network for it:
 
     model = core.Model(bridge.denoiser(module, {"params": params}), "eps", schedule)
 
+  * `model(module, variables, target, schedule)` -> the `core.Model` of a trained network, with
+    learned_variance from the module's own `learn_sigma` (so no caller can disagree with it).
   * `denoiser(module, variables)` -> denoise(x_t [B, ...], t scalar or [B],
     cond labels [B] or None) -> [B, ...] float32 (2x channels with learn_sigma;
     `split_variance` separates [prediction | var_interp]).
@@ -38,6 +40,13 @@ def denoiser(module: nn.Module, variables, *, train: bool = False, rngs=None) ->
     return module.apply(variables, x_t, t, cond, train=train, rngs=rngs)
 
   return denoise
+
+
+def model(module: nn.Module, variables, target: str, schedule):
+  """core.Model(denoiser(module, variables), target, schedule, learned_variance=module.learn_sigma)."""
+  from diffusax.core import Model
+  return Model(denoiser(module, variables), target, schedule,
+               learned_variance=bool(getattr(module, "learn_sigma", False)))
 
 
 def split_variance(output):

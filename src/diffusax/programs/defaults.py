@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.sigmoid_bias = -1.0    # bias of the sigmoid weighting.
   c.diffusion.time_sampler = "uniform"  # core.losses.TIME_SAMPLERS name.
   c.diffusion.t_min = 1e-4           # Smallest continuous training time.
+  c.diffusion.objective = "simple"   # "simple": the weighted loss above; "hybrid": + vlb_weight * L_vlb
+                                     # (improved DDPM), which trains learned variances (model.<net>.learn_sigma).
+  c.diffusion.vlb_weight = 1e-3      # lambda of the hybrid objective (Nichol & Dhariwal 2021).
+  c.diffusion.vlb_steps = 1000       # Steps T of L_vlb on continuous schedules (discrete ones use theirs).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "unet"              # diffusax.nn.NETWORKS name: unet, dit, mlp.

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusax.core import likelihood
-from diffusax.core import Model
 from diffusax.data import pipeline, registry
 from diffusax.evaluation import distances
 from diffusax.programs import setup as setup_lib
@@ -179,12 +178,12 @@ class Evaluator:
               else likelihood.ode_time_grid(sched, ev.vlb_steps, ev.t_min, t_max))
 
       def vlb(params, x, k):
-        model = Model(bridge.denoiser(u.module, {"params": params}), target, sched)
+        model = bridge.model(u.module, {"params": params}, target, sched)
         return likelihood.vlb_terms(model, x, k, grid, cond=cond,
                                     decoder="discretized" if is_8bit else "gaussian")["total"]
 
       def nll_ode(params, x, k):
-        model = Model(bridge.denoiser(u.module, {"params": params}), target, sched)
+        model = bridge.model(u.module, {"params": params}, target, sched)
         return likelihood.ode_log_likelihood(model, x, k, cond=cond, num_steps=ev.ode_steps, solver=ev.ode_solver,
                                              divergence=ev.hutchinson, t_min=ev.t_min, t_max=t_max)[0]
 

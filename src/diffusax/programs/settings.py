@@ -210,16 +210,22 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
                         weight_decay=float(c.optim.weight_decay), grad_clip=float(c.optim.grad_clip))
     loss = LossConfig(target=c.diffusion.target, weighting=c.diffusion.weighting, weighting_params=wparams,
                       time_sampler=c.diffusion.time_sampler, t_min=float(c.diffusion.t_min),
-                      label_dropout=float(c.guidance.label_dropout), null_class=None)
+                      label_dropout=float(c.guidance.label_dropout), null_class=None,
+                      objective=c.diffusion.objective, vlb_weight=float(c.diffusion.vlb_weight),
+                      vlb_steps=_positive("diffusion.vlb_steps", c.diffusion.vlb_steps))
   except ValueError as e:
     raise ConfigError(str(e)) from None
   from diffusax import nn  # Deferred, like the samplers below.
   if c.model.name not in nn.NETWORKS:
     raise ConfigError(f"unknown model.name {c.model.name!r}; allowed: {sorted(nn.NETWORKS)}")
-  if c.model[c.model.name].get("learn_sigma", False):  # A declared field of the network's block.
-    raise ConfigError(f"model.{c.model.name}.learn_sigma=True: the network would output variance channels, "
-                      "but no training loss trains them yet (the hybrid L_simple + L_vlb loss is not "
-                      "implemented); set it to False")
+  learn_sigma = bool(c.model[c.model.name].get("learn_sigma", False))  # A declared field of the network's block.
+  if learn_sigma and loss.objective != "hybrid":
+    raise ConfigError(f"model.{c.model.name}.learn_sigma=True: the variance channels are trained only by "
+                      f"L_vlb; set diffusion.objective='hybrid' (got {loss.objective!r}), or learn_sigma=False")
+  if loss.objective == "hybrid" and not learn_sigma:
+    have = "" if "learn_sigma" in c.model[c.model.name] else f" (model {c.model.name!r} has no learn_sigma option)"
+    raise ConfigError(f"diffusion.objective='hybrid' trains learned variances: set model.{c.model.name}.learn_sigma"
+                      f"=True{have}")
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
   from diffusax.core import samplers  # Deferred: samplers are optional for parsing tests.

@@ -151,6 +151,9 @@ def model_setup(s: Settings, devices=None, data: registry.Description | None = N
   """
   data = data or describe_data(s)
   s = settings_lib.with_null_class(s, data.num_classes)
+  # L_vlb's first-step decoder (hybrid objective): 8-bit images are discretised, vectors continuous.
+  s = dataclasses.replace(s, loss=dataclasses.replace(
+      s.loss, decoder="discretized" if data.transform == "image" else "gaussian"))
   try:
     mesh = mesh_lib.make_mesh(s.mesh_shape, devices)
   except ValueError as e:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusax.core import Model, guidance, samplers
+from diffusax.core import guidance, samplers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ def make_generate(module, schedule, target: str, spec: SamplerSpec, *, null_clas
   options = {"eta": spec.eta} if "eta" in samplers.options_of(spec.method) else {}
 
   def gen(params, indices, labels, scale, key):
-    model = Model(bridge.denoiser(module, {"params": params}), target, schedule)
+    model = bridge.model(module, {"params": params}, target, schedule)
     if null_class is not None:
       model = guidance.cfg(model, null_cond=null_class, scale=scale)
     x_T = initial_noise(jax.random.fold_in(key, 0), indices, sample_shape, schedule.prior_std)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusax.core import Model, guidance, samplers
+from diffusax.core import guidance, samplers
 from diffusax.parallel import mesh as mesh_lib
 from diffusax.sampling import generate
 
@@ -119,9 +119,9 @@ def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: 
   def run(params, x_T, labels, scale, key):
     if guide is not None:
       params, guide_params = params
-    model = Model(bridge.denoiser(module, {"params": params}), target, schedule)
+    model = bridge.model(module, {"params": params}, target, schedule)
     if guide is not None:
-      weak = Model(bridge.denoiser(guide.module, {"params": guide_params}), guide.target, schedule)
+      weak = bridge.model(guide.module, {"params": guide_params}, guide.target, schedule)
       model = guidance.autoguidance(model, weak, scale=scale, interval=interval)
     elif null_class is not None:
       model = guidance.cfg(model, null_cond=null_class, scale=scale, interval=interval)

@@ -50,6 +50,14 @@ class LossConfig:
   t_min: float = 1e-5                 # lower end of continuous t
   label_dropout: float = 0.0          # p of replacing the label by the null class (CFG)
   null_class: int | None = None       # = num_classes for a class-conditional model, else None
+  objective: str = "simple"           # OBJECTIVES: "simple" (the weighted loss), "hybrid" (+ lambda L_vlb)
+  vlb_weight: float = 1e-3            # lambda of the hybrid objective (Nichol & Dhariwal 2021)
+  vlb_steps: int = 1000               # T of L_vlb on a continuous schedule (a discrete one uses its own)
+  decoder: str = "discretized"        # L_vlb's first-step decoder: discretized (8-bit images) or gaussian
+
+  def dt(self, schedule) -> float:
+    """The step of L_vlb: 1 / T of a discrete schedule, else 1 / vlb_steps."""
+    return 1.0 / getattr(schedule, "num_steps", self.vlb_steps)
 
   def __post_init__(self):
     targets_lib.check_target(self.target)
@@ -60,6 +68,25 @@ class LossConfig:
       raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout}")
     if not 0.0 <= self.t_min < 1.0:
       raise ValueError(f"t_min must lie in [0, 1), got {self.t_min}")
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"unknown objective {self.objective!r}; allowed: {list(OBJECTIVES)}")
+    if self.decoder not in ("discretized", "gaussian"):
+      raise ValueError(f"unknown decoder {self.decoder!r}; allowed: ['discretized', 'gaussian']")
+
+
+# "simple": core.losses.diffusion_loss of a network with target-sized output; "hybrid": improved DDPM's
+# L_simple + lambda L_vlb (core.losses.hybrid_loss) of a learned-variance network (2C output channels).
+OBJECTIVES = ("simple", "hybrid")
+
+
+def per_example_loss(schedule, loss: LossConfig, out, x0, eps, t):
+  """The training objective per example [B] of a network output at x_t = q_sample(x0, t, eps)."""
+  wparams = dict(loss.weighting_params)
+  if loss.objective == "hybrid":
+    return losses.hybrid_loss(schedule, loss.target, out, x0, eps, t, dt=loss.dt(schedule),
+                              vlb_weight=loss.vlb_weight, weighting=loss.weighting, decoder=loss.decoder,
+                              **wparams)[0]
+  return losses.diffusion_loss(schedule, loss.target, out, x0, eps, t, weighting=loss.weighting, **wparams)
 
 
 def step_keys(state: TrainState):
@@ -87,7 +114,6 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
                        f"{dict(ordered_mesh.shape)}")
   ema_decays = tuple(float(d) for d in ema_decays)
   ema_gammas = tuple(float(g) for g in ema_gammas)
-  wparams = dict(loss.weighting_params)
   num_discrete = getattr(schedule, "num_steps", None)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, Any]]:
@@ -112,9 +138,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
 
     def loss_sum(params, x_t, t, y, x, eps):
       pred = apply_fn({"params": params}, x_t, t, y, train=True, rngs={"dropout": k_drop})
-      per_example = losses.diffusion_loss(schedule, loss.target, pred, x, eps, t,
-                                          weighting=loss.weighting, **wparams)
-      return jnp.sum(per_example)
+      return jnp.sum(per_example_loss(schedule, loss, pred, x, eps, t))
 
     if ordered_mesh is None:
       value, grads = jax.value_and_grad(lambda p: loss_sum(p, x_t, t, y, x, eps) / b)(state.params)
@@ -162,7 +186,6 @@ def _ordered_value_and_grad(loss_sum, mesh, params, rows):
 
 def make_eval_loss(apply_fn: Callable, schedule, loss: LossConfig):
   """(params, batch, key) -> mean loss with fixed draws from `key`, no dropout, labels kept."""
-  wparams = dict(loss.weighting_params)
   num_discrete = getattr(schedule, "num_steps", None)
 
   def eval_loss(params, batch, key):
@@ -174,7 +197,6 @@ def make_eval_loss(apply_fn: Callable, schedule, loss: LossConfig):
     x_t = process.q_sample(schedule, x, t, eps)
     y = batch["label"] if loss.null_class is not None else None
     pred = apply_fn({"params": params}, x_t, t, y, train=False)
-    return jnp.mean(losses.diffusion_loss(schedule, loss.target, pred, x, eps, t,
-                                          weighting=loss.weighting, **wparams))
+    return jnp.mean(per_example_loss(schedule, loss, pred, x, eps, t))
 
   return eval_loss
