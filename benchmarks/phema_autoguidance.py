@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
-W_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+W_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
 def _parse(c):
@@ -59,6 +59,8 @@ def digits_phema(wd: str, data_dir: str) -> dict:
 
 
 def _best(rows, key, lower=True):
+  """The guided row (w > 0) with the best `key`; w = 0, the unguided model, is reported as "none"."""
+  rows = [r for r in rows if r["w"] > 0]
   vals = [r[key] for r in rows]
   i = min(range(len(vals)), key=lambda j: vals[j] if lower else -vals[j])
   return rows[i]

@@ -10,20 +10,11 @@ With learned variances the ancestral DDPM sampler works with few steps (here 50
 of the schedule's 1000), and --mode=eval's VLB uses them. The network, data and
 training steps are those of configs/digits.py.
 """
-import importlib.util
-import os
-
-
-def _digits():
-  spec = importlib.util.spec_from_file_location("diffusax_configs_digits",
-                                                os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from diffusax.programs.defaults import sibling_config
 
 
 def get_config():
-  c = _digits().get_config()
+  c = sibling_config(__file__, "digits")
   c.diffusion.schedule = "ddpm_cosine"     # Discrete cosine schedule, T = 1000 (Nichol & Dhariwal 2021).
   c.diffusion.target = "eps"               # The paper's mean parameterisation.
   c.diffusion.time_sampler = "uniform_discrete"

@@ -9,20 +9,11 @@ trained on the same data with the same schedule and conditioning: here 1/8 of th
 main model's parameters (base 16 channels, one ResBlock per level) and 1/4 of its
 steps. Everything else is configs/digits.py.
 """
-import importlib.util
-import os
-
-
-def _digits():
-  spec = importlib.util.spec_from_file_location("diffusax_configs_digits",
-                                                os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from diffusax.programs.defaults import sibling_config
 
 
 def get_config():
-  c = _digits().get_config()
+  c = sibling_config(__file__, "digits")
   c.model.unet.base_channels = 16          # 16-32 channels, one ResBlock per level (~0.14M params).
   c.model.unet.num_res_blocks = 1
   c.model.unet.num_groups = 4

@@ -40,6 +40,19 @@ def network_options(cls) -> ml_collections.ConfigDict:
   return c
 
 
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+  """get_config() of the config file `name`.py beside `config_file` (a config's own __file__): for
+  configs that start from another one (configs/digits_small.py from configs/digits.py). Config files
+  are loaded by path, not imported as a package, so this reads the sibling by path too."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"diffusax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                         # Root of every random draw: fold_in(seed, step, ...).
