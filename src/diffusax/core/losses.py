@@ -142,15 +142,19 @@ def vlb_loss(schedule: Schedule, x0, x_t, t, x0_hat, var_interp, *, dt: float, d
   first = s <= 0.0
   s_safe = jnp.where(first, jnp.minimum(t, dt) * 0.5, s)  # any 0 < s < t: the KL branch is not used there
   log_var = process.learned_variance_log_var(schedule, t, jnp.where(first, 0.0, s), var_interp, dt)
+  first_b = first.reshape((-1,) + (1,) * (x0.ndim - 1))
+  # Each branch is evaluated on harmless inputs where it is not used: a where() passes the unused
+  # branch's gradient on as 0 * grad, which is NaN when that branch overflows (the decoder's bin mass
+  # of a far-off mean at a large t, the KL at s = 0).
   mean_q, var_q = process.posterior(schedule, x0, x_t, t, s_safe)
   mean_p, _ = process.posterior(schedule, x0_hat, x_t, t, s_safe)
-  kl = likelihood.normal_kl(mean_q, var_q, mean_p, jnp.exp(log_var))
-  log_scale = 0.5 * log_var
+  kl = likelihood.normal_kl(mean_q, var_q, mean_p, jnp.exp(jnp.where(first_b, jnp.log(var_q), log_var)))
+  log_scale = jnp.where(first_b, 0.5 * log_var, 0.0)
+  dec_mean = jnp.where(first_b, x0_hat, x0)
   if decoder == "discretized":
-    nll = -likelihood.discretized_gaussian_log_likelihood(x0, x0_hat, log_scale, num_bins)
+    nll = -likelihood.discretized_gaussian_log_likelihood(x0, dec_mean, log_scale, num_bins)
   else:
-    nll = -likelihood.gaussian_log_likelihood(x0, x0_hat, log_scale)
-  first_b = first.reshape((-1,) + (1,) * (x0.ndim - 1))
+    nll = -likelihood.gaussian_log_likelihood(x0, dec_mean, log_scale)
   per = jnp.where(first_b, nll, kl)
   return jnp.mean(per.reshape(per.shape[0], -1), axis=1) / jnp.log(2.0)
 
