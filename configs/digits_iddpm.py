@@ -22,5 +22,7 @@ def get_config():
   c.diffusion.vlb_weight = 1e-3
   c.model.unet.learn_sigma = True          # 2C output channels: [eps | var_interp].
   c.sample.method = "ddpm"                 # Ancestral sampling with the learned variances,
-  c.sample.num_steps = 50                  # respaced to 50 steps.
+  c.sample.num_steps = 50                  # respaced to 50 steps,
+  c.sample.clip_x0 = 1.0                   # x0_hat clipped to the data range, as in their sampler (an eps model's
+                                           # x0_hat is amplified by 1 / alpha(t): 2e4 at t = 1 of this schedule).
   return c

@@ -162,3 +162,24 @@ def test_sample_mode_errors_are_one_line(toy_run, tmp_path):
   r = _main(_sample_args(data_dir, str(tmp_path / "empty"), str(tmp_path / "o"), n=8))
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "no checkpoint in" in r.stderr
+
+
+def test_clip_x0_bounds_the_samples_and_is_part_of_the_job():
+  import jax
+  import jax.numpy as jnp
+  from diffusax.sampling import job as job_lib
+  """sample.clip_x0: the job's sampler clips x0_hat (an eps model of a flat prediction at t ~ 1 would
+  otherwise amplify by 1 / alpha), and job.json and the default folder record it."""
+  from diffusax.core import Model, schedules
+  from diffusax.programs import setup as setup_lib
+  sched = schedules.get("ddpm_cosine")
+  spec = job_lib.JobSpec(num_samples=4, shard_size=4, seed=0, method="ddpm", num_steps=10, eta=0.0,
+                         guidance_scale=0.0, sample_shape=(3,), clip_x0=1.0)
+  assert spec.to_json()["clip_x0"] == 1.0
+  assert setup_lib.default_out_dir("w", spec).endswith("_clip1_seed0")
+  from diffusax.core import samplers
+  m = Model(lambda x, t, c: jnp.zeros_like(x) + 0.3, "eps", sched)  # a poor eps model
+  x_T = jax.random.normal(jax.random.key(0), (4, 3))
+  free = samplers.sample(m, x_T, key=jax.random.key(1), method="ddpm", num_steps=10)
+  clipped = samplers.sample(m, x_T, key=jax.random.key(1), method="ddpm", num_steps=10, clip_x0=spec.clip_x0)
+  assert float(jnp.abs(free).max()) > 10 and float(jnp.abs(clipped).max()) <= 1.0 + 1e-6

@@ -75,6 +75,7 @@ def data_dir(tmp_path_factory):
     ("ema.snapshot_every", 100, r"ema.snapshot_every > 0 snapshots the power-function EMAs, but ema.sigma_rels is empty"),
     ("ema.reconstruct_from", (0.2,), r"ema.reconstruct_from \[0.2\] are not tracked"),
     ("sample.guidance_interval", (0.8, 0.2), r"sample.guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1"),
+    ("sample.clip_x0", -1.0, r"sample.clip_x0 must be 0 \(off\) or a positive bound on \|x0_hat\|, got -1.0"),
 ])
 def test_bad_settings_are_refused(data_dir, key, value, match):
   with pytest.raises(ConfigError, match=match):

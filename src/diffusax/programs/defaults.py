@@ -151,6 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
                                      # model of the same data and schedule); guidance_scale then weighs
                                      # main - guide instead of CFG's cond - uncond. "" = CFG (or none).
   c.sample.guide_step = -1           # The guiding model's checkpoint step (-1: its latest).
+  c.sample.clip_x0 = 0.0             # > 0: clip x0_hat to [-clip_x0, clip_x0] at every sampler step (1.0 for
+                                     # data in [-1, 1]: DDPM's "clip denoised"); 0: off.
   c.sample.guidance_interval = (0.0, 1.0)  # Guide (CFG or autoguidance) only for t in [lo, hi]
                                      # (Kynkaanniemi et al. 2024); outside, the unguided model.
 

@@ -95,6 +95,7 @@ class SampleSettings:
   guide_workdir: str = ""
   guide_step: int = -1
   guidance_interval: tuple = (0.0, 1.0)
+  clip_x0: float = 0.0
 
   @property
   def interval(self) -> tuple | None:
@@ -266,7 +267,8 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
                           labels=tuple(int(v) for v in c.sample.labels), seed=int(c.sample.seed),
                           checkpoint_step=int(c.sample.checkpoint_step), output_dir=str(c.sample.output_dir),
                           guide_workdir=str(c.sample.guide_workdir), guide_step=int(c.sample.guide_step),
-                          guidance_interval=_parse_interval(c.sample.guidance_interval))
+                          guidance_interval=_parse_interval(c.sample.guidance_interval),
+                          clip_x0=_clip(c.sample.clip_x0))
   ev = _parse_eval(c)
   return Settings(
       seed=int(c.seed),
@@ -277,6 +279,12 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape),
       mesh_strategy=c.mesh.strategy, eval=ev, mesh_ordered_reduction=bool(c.mesh.ordered_reduction),
       ema=_parse_ema(c))
+
+
+def _clip(v) -> float:
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+    raise ConfigError(f"sample.clip_x0 must be 0 (off) or a positive bound on |x0_hat|, got {v!r}")
+  return float(v)
 
 
 def _parse_interval(v) -> tuple:

@@ -296,14 +296,15 @@ def job_spec(u: ModelSetup, step: int, num_samples: int | None = None,
                          eta=s.sample.eta, guidance_scale=s.sample.guidance_scale, labels=tuple(s.sample.labels),
                          num_classes=ncls, checkpoint_step=step, sample_shape=tuple(u.sample_shape),
                          guide=guide.tag if guide is not None else "",
-                         guidance_interval=tuple(s.sample.guidance_interval))
+                         guidance_interval=tuple(s.sample.guidance_interval), clip_x0=s.sample.clip_x0)
 
 
 def default_out_dir(workdir: str, spec: job_lib.JobSpec) -> str:
   guided = f"_auto{spec.guide.rsplit('@', 1)[1]}" if spec.guide else ""
   interval = "" if tuple(spec.guidance_interval) == (0.0, 1.0) else "_t{:g}-{:g}".format(*spec.guidance_interval)
+  clip = f"_clip{spec.clip_x0:g}" if spec.clip_x0 else ""
   return os.path.join(workdir, "samples", f"step{spec.checkpoint_step}_{spec.method}{spec.num_steps}"
-                      f"_w{spec.guidance_scale:g}{guided}{interval}_seed{spec.seed}")
+                      f"_w{spec.guidance_scale:g}{guided}{interval}{clip}_seed{spec.seed}")
 
 
 def run_sample_job(u: ModelSetup, params, spec: job_lib.JobSpec, out_dir: str, logger: Logger,

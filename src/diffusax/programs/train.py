@@ -203,7 +203,7 @@ def write_samples(u: Setup, params, step: int, workdir: str, logger: Logger, gen
 
 def make_generator(u: Setup):
   s = u.s
-  spec = generate.SamplerSpec(s.sample.method, s.sample.num_steps, s.sample.eta)
+  spec = generate.SamplerSpec(s.sample.method, s.sample.num_steps, s.sample.eta, s.sample.clip_x0)
   return generate.make_generate(u.module, u.schedule, s.loss.target, spec,
                                 null_class=s.loss.null_class, sample_shape=u.sample_shape)
 

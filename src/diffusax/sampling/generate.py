@@ -24,6 +24,7 @@ class SamplerSpec:
   method: str
   num_steps: int
   eta: float = 0.0
+  clip_x0: float = 0.0  # > 0: clip x0_hat to [-clip_x0, clip_x0] at every step (0: off)
 
 
 def initial_noise(key, indices, shape, prior_std):
@@ -45,7 +46,8 @@ def make_generate(module, schedule, target: str, spec: SamplerSpec, *, null_clas
       model = guidance.cfg(model, null_cond=null_class, scale=scale)
     x_T = initial_noise(jax.random.fold_in(key, 0), indices, sample_shape, schedule.prior_std)
     return samplers.sample(model, x_T, key=jax.random.fold_in(key, 1), method=spec.method,
-                           num_steps=spec.num_steps, cond=labels, options=options)
+                           num_steps=spec.num_steps, cond=labels, options=options,
+                           clip_x0=spec.clip_x0 or None)
 
   return jax.jit(gen)
 

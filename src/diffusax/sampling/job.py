@@ -64,6 +64,7 @@ class JobSpec:
   sample_shape: tuple = ()
   guide: str = ""                 # autoguidance: "<guide workdir>@<step>"; "" = CFG (or none)
   guidance_interval: tuple = (0.0, 1.0)
+  clip_x0: float = 0.0            # > 0: x0_hat clipped to [-clip_x0, clip_x0] at every step
 
   @property
   def num_shards(self) -> int:
@@ -126,7 +127,7 @@ def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: 
     elif null_class is not None:
       model = guidance.cfg(model, null_cond=null_class, scale=scale, interval=interval)
     return samplers.sample(model, x_T, key=key, method=spec.method, num_steps=spec.num_steps, cond=labels,
-                           options=options)
+                           options=options, clip_x0=spec.clip_x0 or None)
 
   def fn(params, indices, labels, scale):
     x_T = generate.initial_noise(k_noise, indices, shape, schedule.prior_std)
