@@ -2,7 +2,8 @@
 
     python -m diffusax.main --config=configs/digits.py --workdir=runs/digits [--config.train.num_steps=100 ...]
 
-Modes: `train` (default; resumes when the workdir has a checkpoint). Flags and
+Modes (--mode): `train` (default; resumes when the workdir has a checkpoint), `sample`,
+`eval`, `phema` and `phema_sweep` (post-hoc EMA; programs/phema.py). Flags and
 config errors are reported on one line (what was wrong, what is allowed) with
 exit status 2, before any device work.
 """
