@@ -35,6 +35,7 @@ def main():
   n = s.eval.bpd_examples
   data = evaluate._real_images(u.s, s.data.eval_split or s.data.split, n)
   x = jnp.asarray(data, jnp.float32) / 127.5 - 1.0
+  s = u.s  # with the null class of the data filled in
   cond = None if s.loss.null_class is None else jnp.full((len(x),), s.loss.null_class, jnp.int32)
   grid = likelihood.ddpm_grid(u.schedule) if hasattr(u.schedule, "num_steps") else \
       likelihood.uniform_grid(s.eval.vlb_steps, s.eval.t_min)

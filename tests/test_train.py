@@ -162,16 +162,16 @@ def test_train_compiles_once_and_resumes_in_process(data_dir, tmp_path):
 
 
 def test_hybrid_objective_trains_learned_variances_end_to_end(data_dir, tmp_path):
-  """toy2d with a learned-variance MLP and L_hybrid: trains, samples with the ancestral sampler (which
-  reads the variance channels) and evaluates the VLB with them (model_var 'auto' -> learned)."""
+  """toy2d with a learned-variance MLP and L_hybrid: trains (and its eval loss) and samples with the
+  ancestral sampler, which reads the variance channels (the VLB with them: tests/test_likelihood.py)."""
   import jax
   import orbax.checkpoint as ocp
   over = {"model.mlp.learn_sigma": True, "diffusion.objective": "hybrid", "diffusion.vlb_steps": 100,
-          "sample.method": "ddpm", "train.num_steps": 20, "train.full_eval": True, "train.eval_every": 0,
-          "eval.metrics": ("bpd_vlb",), "eval.bpd_examples": 16, "eval.vlb_steps": 8}
+          "sample.method": "ddpm", "train.num_steps": 20}
   wd = str(tmp_path / "run")
-  out = train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **over)), wd, evaluator=evaluate.Evaluator)
-  assert out["step"] == 20 and np.isfinite(out["train_loss_last"]) and np.isfinite(out["eval"]["bpd_vlb"])
+  out = train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **over)), wd)
+  assert out["step"] == 20 and np.isfinite(out["train_loss_last"]) and np.isfinite(out["eval_loss_ema"])
+  assert os.path.exists(os.path.join(wd, "samples.png"))
   params = ocp.StandardCheckpointer().restore(os.path.join(wd, "checkpoints", "20", "state"))["params"]
   shapes = {tuple(np.shape(leaf)) for leaf in jax.tree.leaves(params)}
   assert (32, 4) in shapes and (32, 2) not in shapes  # the output layer: [eps | var_interp] for 2-D data
@@ -322,9 +322,8 @@ def _kill_when_ready(p, ready: str, what: str, timeout: float = 300) -> None:
 
 def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
   steps = 80
-  # kill -9 with grain workers alive, and power-function EMAs snapshotted every 10 steps
-  extra = ["--config.train.ckpt_every=20", "--config.data.workers=2", "--config.ema.sigma_rels=(0.05,0.1)",
-           "--config.ema.snapshot_every=10"]
+  # kill -9 with grain workers alive (EMA snapshots resume bit-identically: the grain resume test)
+  extra = ["--config.train.ckpt_every=20", "--config.data.workers=2"]
   ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
   r = _main(_toy_args(data_dir, ref, steps, extra))
   assert r.returncode == 0, r.stderr[-2000:]
@@ -359,14 +358,6 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
   assert len(leaves_a) == len(leaves_b) > 0
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  # Every EMA snapshot (those the killed run wrote, those the resumed run wrote) is the uninterrupted run's.
-  snaps = lambda wd: sorted(int(d) for d in os.listdir(os.path.join(wd, "ema_snapshots")) if d.isdigit())  # noqa: E731
-  assert snaps(ref) == snaps(cut) == list(range(10, steps + 1, 10))
-  import orbax.checkpoint as ocp
-  for st in snaps(ref):
-    a, b = (ocp.StandardCheckpointer().restore(os.path.join(wd, "ema_snapshots", str(st), "state")) for wd in (ref, cut))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   ha = {h["step"]: h for h in json.load(open(os.path.join(ref, "metrics.json")))["history"]}
   hb = {h["step"]: h for h in json.load(open(os.path.join(cut, "metrics.json")))["history"]}
   assert sorted(hb) == [50, 60, 70, 80]  # the resumed run's log steps: the redone 41-60 and the rest
