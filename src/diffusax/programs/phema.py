@@ -29,6 +29,7 @@ import numpy as np
 
 from diffusax import checkpoint as ckpt_lib
 from diffusax.evaluation import curves
+from diffusax.parallel import mesh as mesh_lib
 from diffusax.programs import setup as setup_lib
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
@@ -147,7 +148,7 @@ def write_params(u: setup_lib.ModelSetup, params, step: int, out: str, info: dic
   is kept as it is (its samples and evaluations stay valid); a different one in its place is refused.
   """
   ckpt = ckpt_lib.Checkpointer(os.path.join(out, "checkpoints"), keep=1, async_save=False,
-                               replicated_sharding=setup_lib.mesh_lib.replicated(u.mesh), log=logger.info)
+                               replicated_sharding=mesh_lib.replicated(u.mesh), log=logger.info)
   try:
     if step in ckpt.all_steps():
       have = ckpt.read_meta(step).get("phema")
