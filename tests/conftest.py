@@ -34,7 +34,8 @@ import pytest  # noqa: E402
 def tiny_digits(tmp_path_factory):
   """The embedded default (digits U-Net, class-conditional, CFG grid) trained for 4 steps on a tiny network.
 
-  Shared by the training-program and evaluation tests: one U-Net compile for both.
+  Shared by the training-program and evaluation tests of tests/test_eval.py: one U-Net compile for
+  all, on one pytest-xdist worker (`--dist loadfile`: the users of a shared run live in one module).
   Returns dict(data_dir, workdir, result, args) where `args` are the equivalent
   command-line overrides for `python -m diffusax.main`.
   """
@@ -69,7 +70,8 @@ def digits_dit_run(tmp_path_factory):
   """30 steps of the digits with a tiny DiT (tests/test_train.py `_digits_dit`: 2 grain workers, flips,
   class-conditional), tracking power-function EMAs of sigma_rel 0.05, 0.1 and 0.15 with a snapshot every
   10 steps and a checkpoint every 10. Shared by the grain resume test (its uninterrupted reference) and
-  the post-hoc EMA / autoguidance program tests: one training run and one compile for both.
+  the post-hoc EMA / autoguidance program tests, all in tests/test_phema.py: one training run and one
+  compile for both, on one pytest-xdist worker.
   Returns dict(config, data_dir, workdir, result)."""
   from test_train import _digits_dit
   from diffusax.programs import settings as settings_lib

@@ -176,3 +176,18 @@ def test_eval_mode_on_tiny_digits_unet(tiny_digits):
   # Refusals are one clean line.
   r = run(["--mode=eval", "--config.eval.metrics=('fd', 'psnr')"])
   assert r.returncode == 2 and "unknown eval.metrics ['psnr']" in r.stderr and "Traceback" not in r.stderr
+
+
+# On the shared tiny digits run (tests/conftest.py), in this module so that pytest-xdist (--dist loadfile) runs
+# every test of that run on one worker.
+
+def test_digits_default_pipeline_small(tiny_digits):
+  """The embedded default (U-Net, class-conditional, CFG grid) on a tiny network for 4 steps."""
+  out = tiny_digits["result"]
+  from PIL import Image
+  img = np.asarray(Image.open(out["samples"]))
+  # 10 class rows x 2 columns of 8x8 images with 1 px gaps, upscaled 8x.
+  assert img.shape == ((10 * 9 - 1) * 8, (2 * 9 - 1) * 8)
+  assert out["step"] == 4 and np.isfinite(out["eval_loss_ema"])
+  hist = json.load(open(os.path.join(tiny_digits["workdir"], "metrics.json")))["history"]
+  assert [h["step"] for h in hist] == [2, 4] and all(np.isfinite(h["loss"]) for h in hist)

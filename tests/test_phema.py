@@ -268,3 +268,40 @@ def test_autoguidance_by_an_earlier_checkpoint_in_sample_mode(toy_run, tmp_path)
   c1.sample.guide_step = 7
   with pytest.raises(settings_lib.ConfigError, match=r"sample.guide_step=7 is not in .*checkpoints; it has \[10, 20, 30\]"):
     sample.run(settings_lib.parse(c1), wd)
+
+
+# The grain resume test shares the digits DiT run (tests/conftest.py) with the program tests above: one module,
+# so that pytest-xdist (--dist loadfile) runs them on one worker and the run is trained once.
+
+def test_resume_with_grain_workers_flips_and_an_epoch_boundary_is_bit_identical(digits_dit_run, tmp_path):
+  """30 steps uninterrupted (2 workers; tests/conftest.py `digits_dit_run`) against a resume from its
+  step-10 checkpoint alone (the later ones deleted) to 30 with 1 worker: the epoch boundary (batch 22)
+  and the flips of epoch 1 fall in the resumed span. The power-function EMAs and their snapshots resume
+  too (the resumed run writes snapshots 20 and 30 again)."""
+  import shutil
+
+  import orbax.checkpoint as ocp
+  import test_train
+  from diffusax.programs import settings as settings_lib
+  from diffusax.programs import train as train_lib
+  ref, cut = digits_dit_run["workdir"], str(tmp_path / "cut")
+  shutil.copytree(os.path.join(ref, "checkpoints"), os.path.join(cut, "checkpoints"))
+  for step in ("20", "30"):
+    shutil.rmtree(os.path.join(cut, "checkpoints", step))
+  c = digits_dit_run["config"].copy_and_resolve_references()
+  c.data.workers = 1
+  out = train_lib.train_and_evaluate(settings_lib.parse(c), cut)
+  assert out["ema_snapshots"]["steps"] == [20, 30]
+  for st in (20, 30):
+    a, b = (ocp.StandardCheckpointer().restore(os.path.join(wd, "ema_snapshots", str(st), "state")) for wd in (ref, cut))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert out["step"] == 30
+  a, b = test_train._restore_state(ref, 30), test_train._restore_state(cut, 30)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  from diffusax import checkpoint
+  ck = checkpoint.Checkpointer(os.path.join(cut, "checkpoints"))
+  assert ck.read_meta(10)["data"]["batches"] == 10
+  assert ck.read_meta(30)["data"]["batches"] == 30 and ck.read_meta(30)["data"]["epoch"] == 1
+  ck.close()
