@@ -1,6 +1,7 @@
 """Likelihood of a `core.Model` by two routes, in nats and bits per dimension.
 
-1. The discrete-time variational bound (DDPM / VDM), `vlb_terms`.
+1. The discrete-time variational bound (DDPM / VDM), `vlb_terms`, and VDM's continuous-time
+   bound, `vdm_elbo`.
 2. The probability-flow ODE (Song et al. 2021, sec. 4.3 and app. D.2), `ode_log_likelihood`.
 
 The variational bound.
@@ -127,12 +128,12 @@ def uniform_grid(num_steps: int, t_min: float = 1e-3):
 
 
 def vlb_terms(model: Model, x0, key, t_grid, *, cond: Any = None, decoder: str = "discretized",
-              model_var: str = "auto", decoder_log_scale=None):
+              model_var: str = "auto", decoder_log_scale=None, num_bins: int = 256):
   """Terms of the negative ELBO, each [B] in nats summed over dimensions.
 
   Args:
     model: a `core.Model`; its x0 prediction (from any target) is the model step's mean.
-    x0: data [B, ...] (in [-1, 1] on 256 levels for the discretized decoder).
+    x0: data [B, ...] (in [-1, 1] on `num_bins` levels for the discretized decoder; 8-bit data: 256).
     cond: passed to the model unchanged.
     key: PRNG key; step i uses fold_in(key, i).
     t_grid: [N] ascending times ending at 1 (N - 1 KL steps).
@@ -192,7 +193,7 @@ def vlb_terms(model: Model, x0, key, t_grid, *, cond: Any = None, decoder: str =
   elif decoder_log_scale is None:
     decoder_log_scale = -0.5 * schedule.log_snr(t0)
   if decoder == "discretized":
-    ll = discretized_gaussian_log_likelihood(x0, x0_hat, decoder_log_scale)
+    ll = discretized_gaussian_log_likelihood(x0, x0_hat, decoder_log_scale, num_bins)
   else:
     ll = gaussian_log_likelihood(x0, x0_hat, decoder_log_scale)
   dec = -_sum_dims(ll)
@@ -200,13 +201,41 @@ def vlb_terms(model: Model, x0, key, t_grid, *, cond: Any = None, decoder: str =
   return {"prior": pri, "diffusion": diffusion, "decoder": dec, "total": pri + diffusion + dec}
 
 
-def bits_per_dim(nll, num_dims: int, *, dequantized: bool = False):
+def vdm_elbo(model: Model, x0, key, *, cond: Any = None, num_t: int = 64, levels: int = 256):
+  """VDM's continuous-time negative ELBO of each example [B] in nats (Kingma et al. 2021, eq. 11 and 17):
+
+      prior + reconstruction + 1/2 E_t[gamma'(t) ||eps - eps_hat(x_t, t)||^2],   t ~ U[0, 1],
+
+  (`core.losses.vdm_terms`) estimated with `num_t` stratified times per example, t_ij = (u_i + j / num_t)
+  mod 1, each with its own eps and eps_0 (draw j from fold_in(key, j)); the decoder is over `levels`
+  values of x0 in [-1, 1]. Any VP schedule (gamma = -logSNR), learned ones included.
+  """
+  from diffusax.core import losses  # losses imports likelihood only inside a function
+  model_lib.check(model)
+  x0 = jnp.asarray(x0, F32)
+  b = x0.shape[0]
+  u = jax.random.uniform(jax.random.fold_in(key, num_t), (b,), F32)
+
+  def one(j):
+    k_eps, k_0 = jax.random.split(jax.random.fold_in(key, j))
+    t = jnp.mod(u + j / num_t, 1.0)
+    eps, eps_0 = jax.random.normal(k_eps, x0.shape, F32), jax.random.normal(k_0, x0.shape, F32)
+    x_t = process.q_sample(model.schedule, x0, t, eps)
+    eps_hat = model.predict(x_t, t, cond).eps
+    return losses.vdm_terms("eps", eps_hat, x0, eps, eps_0, *losses.vdm_gammas(model.schedule, t),
+                            levels=levels).total
+
+  return jnp.mean(jax.lax.map(one, jnp.arange(num_t)), axis=0)
+
+
+def bits_per_dim(nll, num_dims: int, *, dequantized: bool = False, levels: int = 256):
   """Negative log-likelihood [B] in nats -> bits/dim.
 
-  dequantized: `nll` is -log p(y~) of uniformly dequantised 8-bit data (`dequantize`); the
-  bits/dim are then those of the 8-bit data, (nll + D log 127.5) / (D ln 2) (see module docstring).
+  dequantized: `nll` is -log p(y~) of uniformly dequantised data on `levels` values (`dequantize`);
+  the bits/dim are then those of the discrete data, (nll + D log((levels - 1) / 2)) / (D ln 2)
+  (8-bit data: log 127.5; see module docstring).
   """
-  nll = jnp.asarray(nll, F32) + (num_dims * DEQUANT_LOG_SCALE if dequantized else 0.0)
+  nll = jnp.asarray(nll, F32) + (num_dims * math.log((levels - 1) / 2.0) if dequantized else 0.0)
   return nll / (num_dims * LOG2)
 
 
@@ -324,7 +353,20 @@ def ode_default_t_max(schedule: Schedule, target: str, margin: float = 1e-3) -> 
   return 1.0 if a1 > 0 or flow_ok else 1.0 - margin
 
 
-def dequantize(x_uint8, key):
-  """8-bit data [B, ...] -> float32 in [-1, 1] scaling with uniform noise within each level's bin."""
+def to_levels(x_uint8, levels: int = 256):
+  """8-bit data [B, ...] holding `levels` values (stored as round(k * 255 / (levels - 1))) -> the
+  level index k, float32 (8-bit data: the value itself)."""
+  x = jnp.asarray(x_uint8, F32)
+  return x if levels == 256 else jnp.round(x * ((levels - 1) / 255.0))
+
+
+def on_grid(x_uint8, levels: int = 256):
+  """8-bit data [B, ...] on `levels` values -> their exact grid values 2k / (levels - 1) - 1 in [-1, 1]."""
+  return to_levels(x_uint8, levels) * (2.0 / (levels - 1)) - 1.0
+
+
+def dequantize(x_uint8, key, levels: int = 256):
+  """8-bit data [B, ...] on `levels` values -> float32 in [-1, 1] with uniform noise within each value's
+  bin of width 2 / (levels - 1) (8-bit data: 1 / 127.5)."""
   u = jax.random.uniform(key, jnp.shape(x_uint8), F32)
-  return (jnp.asarray(x_uint8, F32) + u - 0.5) / 127.5 - 1.0
+  return (to_levels(x_uint8, levels) + u - 0.5) * (2.0 / (levels - 1)) - 1.0

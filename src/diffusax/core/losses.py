@@ -19,10 +19,11 @@ the same weighting means the same objective whatever the model predicts:
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusax.core import targets as targets_lib
 from diffusax.core.process import batch_time, check_same_shape
@@ -181,6 +182,91 @@ def hybrid_loss(schedule: Schedule, target: str, out, x0, eps, t, *, dt: float, 
   x0_hat = targets_lib.to_x0_eps(target, jax.lax.stop_gradient(pred.astype(F32)), x_t, a, sg, da, ds)[0]
   vlb = vlb_loss(schedule, x0, x_t, t, x0_hat, var_interp, dt=dt, decoder=decoder, num_bins=num_bins) / dt
   return simple + vlb_weight * vlb, {"simple": simple, "vlb": vlb}
+
+
+# ---------------------------------------------------------------------------
+# The continuous-time ELBO of a VP model (VDM, Kingma et al. 2021).
+
+class VDMTerms(NamedTuple):
+  """The negative ELBO of each example [B] in nats (summed over dimensions), by its three terms."""
+  diffusion: jnp.ndarray       # 1/2 gamma'(t) ||eps - eps_hat||^2: the t ~ U[0, 1] estimate of L_inf (eq. 17)
+  prior: jnp.ndarray           # KL(q(z_1 | x) || N(0, sigma_1^2 I))
+  reconstruction: jnp.ndarray  # -log p(x | z_0) under the discrete decoder over `levels` values
+
+  @property
+  def total(self):
+    return self.diffusion + self.prior + self.reconstruction
+
+
+def discrete_decoder_nll(x0, z_0, gamma_0, levels: int = 256):
+  """-log p(x | z_0) [B] in nats: VDM's decoder for data on `levels` values v_k = 2k/(levels-1) - 1.
+
+  p(x_i = v_k | z_0) is proportional to q(z_0,i | v_k) = N(z_0,i; alpha_0 v_k, sigma_0^2), i.e. a
+  softmax over k of -1/2 ((z_0 / alpha_0 - v_k) alpha_0 / sigma_0)^2 (Kingma et al. 2021, eq. 13 and
+  app. C). x0 is snapped to its nearest level (data given on the 8-bit grid of a coarser set, e.g. the
+  digits' 17 values stored as round(v * 255 / 16), decode to their own level)."""
+  if not isinstance(levels, (int, np.integer)) or levels < 2:
+    raise ValueError(f"levels must be an integer >= 2, got {levels!r}")
+  x0, z_0 = jnp.asarray(x0, F32), jnp.asarray(z_0, F32)
+  check_same_shape(x0, z_0, "x0", "z_0")
+  g0 = jnp.asarray(gamma_0, F32)
+  k = jnp.clip(jnp.round((x0 + 1.0) * 0.5 * (levels - 1)), 0, levels - 1).astype(jnp.int32)
+  v = jnp.linspace(-1.0, 1.0, levels, dtype=F32)
+  inv_scale = jnp.exp(-0.5 * g0)  # alpha_0 / sigma_0 = sqrt(SNR_0)
+  z_scaled = z_0 / jnp.sqrt(jax.nn.sigmoid(-g0))  # z_0 / alpha_0
+  logits = -0.5 * jnp.square((z_scaled[..., None] - v) * inv_scale)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, k[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll.reshape(nll.shape[0], -1), axis=1)
+
+
+def vdm_terms(target: str, pred, x0, eps, eps_0, gamma_t, d_gamma_t, gamma_0, gamma_1, *, levels: int = 256):
+  """The terms of VDM's continuous-time negative ELBO per example from the schedule's gamma values.
+
+  With gamma = -logSNR (increasing in t), alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma), and a
+  `target` prediction `pred` at x_t = alpha_t x0 + sigma_t eps:
+
+      diffusion      = 1/2 gamma'(t) ||eps - eps_hat(x_t, t)||^2        (eq. 17, one draw of t ~ U[0, 1])
+      prior          = KL(N(alpha_1 x0, sigma_1^2) || N(0, sigma_1^2)) = 1/2 SNR_1 ||x0||^2
+      reconstruction = -log p(x0 | z_0), z_0 = alpha_0 x0 + sigma_0 eps_0   (`discrete_decoder_nll`)
+
+  Everything the schedule contributes enters through gamma_t, d_gamma_t [B] and the scalars gamma_0,
+  gamma_1, so a caller can take the gradient with respect to these per-example values (VDM's
+  variance minimisation, `training.step`). Returns `VDMTerms` of [B] arrays in nats.
+  """
+  targets_lib.check_target(target)
+  if target == "flow":
+    raise ValueError("the VDM ELBO is for VP schedules; target 'flow' needs a flow schedule: use eps, x0, v or score")
+  pred, x0, eps, eps_0 = (jnp.asarray(v, F32) for v in (pred, x0, eps, eps_0))
+  for name, arr in (("pred", pred), ("eps", eps), ("eps_0", eps_0)):
+    check_same_shape(arr, x0, name, "x0")
+  g_t, dg_t = (batch_time(v, x0, n, "x0") for v, n in ((gamma_t, "gamma_t"), (d_gamma_t, "d_gamma_t")))
+  a_t, s_t = jnp.sqrt(jax.nn.sigmoid(-g_t)), jnp.sqrt(jax.nn.sigmoid(g_t))  # [B, 1, ...] or scalars
+  x_t = a_t * x0 + s_t * eps
+  eps_hat = targets_lib.to_x0_eps(target, pred, x_t, a_t, s_t, None, None)[1]
+  sq = jnp.sum(jnp.square(eps - eps_hat).reshape(x0.shape[0], -1), axis=1)
+  diffusion = 0.5 * jnp.broadcast_to(dg_t.reshape(-1), sq.shape) * sq
+  g0, g1 = jnp.asarray(gamma_0, F32), jnp.asarray(gamma_1, F32)
+  prior = 0.5 * jnp.exp(-g1) * jnp.sum(jnp.square(x0).reshape(x0.shape[0], -1), axis=1)
+  z_0 = jnp.sqrt(jax.nn.sigmoid(-g0)) * x0 + jnp.sqrt(jax.nn.sigmoid(g0)) * eps_0
+  return VDMTerms(diffusion, prior, discrete_decoder_nll(x0, z_0, g0, levels))
+
+
+def vdm_gammas(schedule: Schedule, t):
+  """(gamma(t) [B], gamma'(t) [B], gamma(0), gamma(1)) of a VP schedule, gamma = -logSNR."""
+  if schedule.kind != "vp":
+    raise ValueError(f"the VDM ELBO needs a VP schedule, got kind {schedule.kind!r} ({type(schedule).__name__})")
+  t = jnp.asarray(t, F32)
+  g_t, dg_t = jax.jvp(lambda u: -schedule.log_snr(u), (t,), (jnp.ones_like(t),))
+  return g_t, dg_t, -schedule.log_snr(jnp.zeros((), F32)), -schedule.log_snr(jnp.ones((), F32))
+
+
+def vdm_loss(schedule: Schedule, target: str, pred, x0, eps, t, *, eps_0, levels: int = 256) -> VDMTerms:
+  """VDM's continuous-time negative ELBO per example (`vdm_terms`) at t [B] ~ U[0, 1] of any VP schedule.
+
+  E_{t, eps, eps_0}[total] is the negative ELBO of x0 in nats; / (D ln 2) gives bits per dimension.
+  """
+  return vdm_terms(target, pred, x0, eps, eps_0, *vdm_gammas(schedule, t), levels=levels)
 
 
 # ---------------------------------------------------------------------------

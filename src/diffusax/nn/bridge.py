@@ -17,6 +17,7 @@ variance channels) comes from the caller, who trained the network for it:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import flax.linen as nn
@@ -42,9 +43,27 @@ def denoiser(module: nn.Module, variables, *, train: bool = False, rngs=None) ->
   return denoise
 
 
+SCHEDULE_PARAMS = "schedule"  # params[SCHEDULE_PARAMS]: the trained fields of a learned schedule
+
+
+def bind_schedule(schedule, params):
+  """The schedule of a model with these params: a learned schedule (`core.schedules.Learned`) takes
+  its trained fields from params["schedule"] (the net; gamma_0 and gamma_1 when they are trained too);
+  any other schedule is returned as it is. The networks ignore that entry of their params."""
+  from diffusax.core import schedules
+  if not isinstance(schedule, schedules.Learned):
+    return schedule
+  if SCHEDULE_PARAMS not in params:
+    raise ValueError(f"a learned schedule needs its parameters in params[{SCHEDULE_PARAMS!r}]; "
+                     f"the params have {sorted(params)}")
+  return dataclasses.replace(schedule, **params[SCHEDULE_PARAMS])
+
+
 def model(module: nn.Module, variables, target: str, schedule):
-  """core.Model(denoiser(module, variables), target, schedule, learned_variance=module.learn_sigma)."""
+  """core.Model(denoiser(module, variables), target, schedule, learned_variance=module.learn_sigma),
+  a learned schedule bound to variables["params"] (`bind_schedule`)."""
   from diffusax.core import Model
+  schedule = bind_schedule(schedule, variables["params"])
   return Model(denoiser(module, variables), target, schedule,
                learned_variance=bool(getattr(module, "learn_sigma", False)))
 

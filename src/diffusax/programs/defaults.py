@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 0              # Model resolution: images are resized to it (0 = as stored).
   c.data.workers = 0                 # grain worker processes for reading and augmenting (0 = this process).
   c.data.prefetch = 2                # Batches read ahead (per worker when workers > 0; 0 = on demand).
+  c.data.levels = 256                # Values per channel the data takes (8-bit: 256; the digits hold 17):
+                                     # the bins of the likelihood's decoders and dequantisation.
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "vp_cosine"  # core.schedules.SCHEDULES name.
@@ -79,7 +81,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.time_sampler = "uniform"  # core.losses.TIME_SAMPLERS name.
   c.diffusion.t_min = 1e-4           # Smallest continuous training time.
   c.diffusion.objective = "simple"   # "simple": the weighted loss above; "hybrid": + vlb_weight * L_vlb
-                                     # (improved DDPM), which trains learned variances (model.<net>.learn_sigma).
+                                     # (improved DDPM), which trains learned variances (model.<net>.learn_sigma);
+                                     # "vdm": the continuous-time negative ELBO in bits/dim (Kingma et al. 2021),
+                                     # which also trains a learned schedule (diffusion.schedule = "learned").
+  c.diffusion.learn_endpoints = False  # Learned schedule: train gamma_0 and gamma_1 too (else fixed at the
+                                     # schedule_kwargs values).
+  c.diffusion.variance_minimisation = False  # Learned schedule: train its interior to minimise the variance
+                                     # of the loss (VDM app. I.2) instead of by the ELBO's gradient.
   c.diffusion.vlb_weight = 1e-3      # lambda of the hybrid objective (Nichol & Dhariwal 2021).
   c.diffusion.vlb_steps = 1000       # Steps T of L_vlb on continuous schedules (discrete ones use theirs).
 

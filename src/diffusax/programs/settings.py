@@ -62,6 +62,7 @@ class DataSettings:
   image_size: int = 0
   workers: int = 0
   prefetch: int = 2
+  levels: int = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +162,7 @@ class Settings:
   eval: EvalSettings = EvalSettings()
   mesh_ordered_reduction: bool = False
   ema: EmaSettings = EmaSettings()
+  learn_endpoints: bool = False  # a learned schedule's gamma_0 and gamma_1 are trained too
 
   @property
   def num_ema(self) -> int:
@@ -213,9 +215,12 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
                       time_sampler=c.diffusion.time_sampler, t_min=float(c.diffusion.t_min),
                       label_dropout=float(c.guidance.label_dropout), null_class=None,
                       objective=c.diffusion.objective, vlb_weight=float(c.diffusion.vlb_weight),
-                      vlb_steps=_positive("diffusion.vlb_steps", c.diffusion.vlb_steps))
+                      vlb_steps=_positive("diffusion.vlb_steps", c.diffusion.vlb_steps),
+                      levels=int(c.data.levels) if isinstance(c.data.levels, int) else 256,
+                      variance_minimisation=bool(c.diffusion.variance_minimisation))
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  _check_vdm(c, loss)
   from diffusax import nn  # Deferred, like the samplers below.
   if c.model.name not in nn.NETWORKS:
     raise ConfigError(f"unknown model.name {c.model.name!r}; allowed: {sorted(nn.NETWORKS)}")
@@ -278,7 +283,39 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       class_conditional=bool(c.model.class_conditional), optim=optim, ema_decays=decays,
       ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape),
       mesh_strategy=c.mesh.strategy, eval=ev, mesh_ordered_reduction=bool(c.mesh.ordered_reduction),
-      ema=_parse_ema(c))
+      ema=_parse_ema(c), learn_endpoints=bool(c.diffusion.learn_endpoints))
+
+
+def _check_vdm(c, loss: LossConfig) -> None:
+  """The VDM objective and the learned schedule: the settings where they are defined."""
+  d = c.diffusion
+  learned = d.schedule == "learned"
+  if learned and loss.objective != "vdm":
+    raise ConfigError(f"diffusion.schedule='learned' is trained by the VDM ELBO only: set "
+                      f"diffusion.objective='vdm' (got {loss.objective!r}), or pick a fixed schedule")
+  for key in ("learn_endpoints", "variance_minimisation"):
+    if d[key] and not learned:
+      raise ConfigError(f"diffusion.{key}=True trains a learned schedule: set diffusion.schedule='learned' "
+                        f"(got {d.schedule!r})")
+  if loss.objective != "vdm":
+    return
+  sched = schedules.get(d.schedule, **dict(d.schedule_kwargs))
+  if sched.kind != "vp":
+    raise ConfigError(f"diffusion.objective='vdm' needs a VP schedule (vp_linear, vp_cosine, linear_log_snr, "
+                      f"learned, ddpm_*), got {d.schedule!r} (kind {sched.kind!r})")
+  if loss.target == "flow":
+    raise ConfigError("diffusion.objective='vdm' needs a VP target: eps, x0, v or score (got 'flow')")
+  if loss.t_min != 0.0:
+    raise ConfigError(f"diffusion.objective='vdm' integrates over t in [0, 1]: set diffusion.t_min=0 "
+                      f"(got {loss.t_min})")
+  if loss.time_sampler not in ("uniform", "low_discrepancy"):
+    raise ConfigError(f"diffusion.objective='vdm' estimates the integral over t ~ U[0, 1]: diffusion.time_sampler "
+                      f"must be 'uniform' or 'low_discrepancy', got {loss.time_sampler!r}")
+  if loss.weighting != "uniform":
+    raise ConfigError(f"diffusion.objective='vdm' has its own weighting (gamma'(t) / 2 in eps space): leave "
+                      f"diffusion.weighting='uniform', got {loss.weighting!r}")
+  if c.mesh.ordered_reduction:
+    raise ConfigError("diffusion.objective='vdm' does not support mesh.ordered_reduction=True")
 
 
 def _clip(v) -> float:
@@ -336,10 +373,13 @@ def _parse_data(c) -> DataSettings:
     raise ConfigError(f"data.image_size must be 0 (as stored) or >= 4, got {d.image_size}")
   if not 0.0 < float(d.crop_min_scale) <= 1.0:
     raise ConfigError(f"data.crop_min_scale must be in (0, 1], got {d.crop_min_scale}")
+  levels = d.levels
+  if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
+    raise ConfigError(f"data.levels must be an integer in [2, 256] (the values per channel; 8-bit: 256), got {levels!r}")
   return DataSettings(name=d.name, data_dir=d.data_dir, split=d.split, eval_split=d.eval_split,
                       random_flip=bool(d.random_flip), random_crop=bool(d.random_crop),
                       crop_min_scale=float(d.crop_min_scale), image_size=int(d.image_size),
-                      workers=int(d.workers), prefetch=int(d.prefetch))
+                      workers=int(d.workers), prefetch=int(d.prefetch), levels=levels)
 
 
 def _parse_eval(c) -> EvalSettings:

@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from diffusax import checkpoint as ckpt_lib
+from diffusax.core import schedules
 from diffusax.data import registry
+from diffusax.nn import bridge
 from diffusax.parallel import mesh as mesh_lib
 from diffusax.programs import settings as settings_lib
 from diffusax.programs.logs import Logger
@@ -99,11 +101,21 @@ def make_param_init(s: Settings, module, sample_shape: tuple):
   b = 2
   x_shape, cond = (b,) + tuple(sample_shape), s.class_conditional
 
+  template = s.schedule
+
   def param_init(k):
     x = jnp.zeros(x_shape, jnp.float32)
     t = jnp.full((b,), 0.5, jnp.float32)
     y = jnp.zeros((b,), jnp.int32) if cond else None
-    return module.init({"params": k, "dropout": k}, x, t, y, train=False)["params"]
+    params = module.init({"params": k, "dropout": k}, x, t, y, train=False)["params"]
+    if isinstance(template, schedules.Learned):  # Its trained fields, next to the network's (nn.bridge).
+      hidden = template.net["l2_w"].shape[0]
+      sched = {"net": schedules.monotone_net_init(jax.random.fold_in(k, 0x5CED), hidden)}
+      if s.learn_endpoints:
+        sched.update(gamma_0=jnp.asarray(template.gamma_0, jnp.float32),
+                     gamma_1=jnp.asarray(template.gamma_1, jnp.float32))
+      params = {**params, bridge.SCHEDULE_PARAMS: sched}
+    return params
 
   return jax.jit(param_init)
 

@@ -44,7 +44,7 @@ def make_generate(module, schedule, target: str, spec: SamplerSpec, *, null_clas
     model = bridge.model(module, {"params": params}, target, schedule)
     if null_class is not None:
       model = guidance.cfg(model, null_cond=null_class, scale=scale)
-    x_T = initial_noise(jax.random.fold_in(key, 0), indices, sample_shape, schedule.prior_std)
+    x_T = initial_noise(jax.random.fold_in(key, 0), indices, sample_shape, model.schedule.prior_std)
     return samplers.sample(model, x_T, key=jax.random.fold_in(key, 1), method=spec.method,
                            num_steps=spec.num_steps, cond=labels, options=options,
                            clip_x0=spec.clip_x0 or None)

@@ -122,7 +122,9 @@ def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: 
       params, guide_params = params
     model = bridge.model(module, {"params": params}, target, schedule)
     if guide is not None:
-      weak = bridge.model(guide.module, {"params": guide_params}, guide.target, schedule)
+      # The guide predicts on the main model's process (a learned schedule: the main model's).
+      weak = bridge.model(guide.module, {"params": guide_params}, guide.target, schedule).replace(
+          schedule=model.schedule)
       model = guidance.autoguidance(model, weak, scale=scale, interval=interval)
     elif null_class is not None:
       model = guidance.cfg(model, null_cond=null_class, scale=scale, interval=interval)
@@ -130,7 +132,8 @@ def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: 
                            options=options, clip_x0=spec.clip_x0 or None)
 
   def fn(params, indices, labels, scale):
-    x_T = generate.initial_noise(k_noise, indices, shape, schedule.prior_std)
+    main = params[0] if guide is not None else params
+    x_T = generate.initial_noise(k_noise, indices, shape, bridge.bind_schedule(schedule, main).prior_std)
     if not spec.per_sample_keys():
       return run(params, x_T, labels, scale, k_loop)
     one = lambda x, y, i: run(params, x[None], None if y is None else y[None], scale,

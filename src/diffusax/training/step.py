@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from diffusax.core import losses, process
+from diffusax.core import losses, process, schedules
 from diffusax.core import targets as targets_lib
+from diffusax.nn import bridge
 from diffusax.parallel import mesh as mesh_lib
 from diffusax.training import state as state_lib
 from diffusax.training.state import TrainState
@@ -54,6 +55,8 @@ class LossConfig:
   vlb_weight: float = 1e-3            # lambda of the hybrid objective (Nichol & Dhariwal 2021)
   vlb_steps: int = 1000               # T of L_vlb on a continuous schedule (a discrete one uses its own)
   decoder: str = "discretized"        # L_vlb's first-step decoder: discretized (8-bit images) or gaussian
+  levels: int = 256                   # values per channel of the data: the decoders' bins (8-bit: 256)
+  variance_minimisation: bool = False  # "vdm" + learned schedule: its interior minimises E[L^2] (VDM app. I.2)
 
   def dt(self, schedule) -> float:
     """The step of L_vlb: 1 / T of a discrete schedule, else 1 / vlb_steps."""
@@ -75,8 +78,10 @@ class LossConfig:
 
 
 # "simple": core.losses.diffusion_loss of a network with target-sized output; "hybrid": improved DDPM's
-# L_simple + lambda L_vlb (core.losses.hybrid_loss) of a learned-variance network (2C output channels).
-OBJECTIVES = ("simple", "hybrid")
+# L_simple + lambda L_vlb (core.losses.hybrid_loss) of a learned-variance network (2C output channels);
+# "vdm": VDM's continuous-time negative ELBO in bits/dim (core.losses.vdm_terms), which also trains a
+# learned schedule (core.schedules.Learned, its parameters in params["schedule"]).
+OBJECTIVES = ("simple", "hybrid", "vdm")
 
 
 def per_example_loss(schedule, loss: LossConfig, out, x0, eps, t):
@@ -85,7 +90,7 @@ def per_example_loss(schedule, loss: LossConfig, out, x0, eps, t):
   if loss.objective == "hybrid":
     return losses.hybrid_loss(schedule, loss.target, out, x0, eps, t, dt=loss.dt(schedule),
                               vlb_weight=loss.vlb_weight, weighting=loss.weighting, decoder=loss.decoder,
-                              **wparams)[0]
+                              num_bins=loss.levels, **wparams)[0]
   return losses.diffusion_loss(schedule, loss.target, out, x0, eps, t, weighting=loss.weighting, **wparams)
 
 
@@ -115,6 +120,9 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
   ema_decays = tuple(float(d) for d in ema_decays)
   ema_gammas = tuple(float(g) for g in ema_gammas)
   num_discrete = getattr(schedule, "num_steps", None)
+  vdm = loss.objective == "vdm"
+  if vdm and ordered_mesh is not None:
+    raise ValueError("the vdm objective's gradient is not implemented with the fixed-order reduction")
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, Any]]:
     x = batch["x"]
@@ -134,6 +142,12 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
       start = jax.lax.axis_index(axis_name) * b
       t, eps = (jax.lax.dynamic_slice_in_dim(v, start, b) for v in (t, eps))
       y = None if y is None else jax.lax.dynamic_slice_in_dim(y, start, b)
+    if vdm:
+      eps_0 = jax.random.normal(jax.random.fold_in(k_eps, 1), (b * n,) + x.shape[1:], jnp.float32)
+      if axis_name:
+        eps_0 = jax.lax.dynamic_slice_in_dim(eps_0, jax.lax.axis_index(axis_name) * b, b)
+      value, grads = _vdm_value_and_grad(apply_fn, schedule, loss, state.params, x, t, eps, eps_0, y, k_drop)
+      return finish(state, value, grads)
     x_t = process.q_sample(schedule, x, t, eps)
 
     def loss_sum(params, x_t, t, y, x, eps):
@@ -145,6 +159,9 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
     else:
       value, grads = _ordered_value_and_grad(loss_sum, ordered_mesh, state.params, (x_t, t, y, x, eps))
       value, grads = jax.tree.map(lambda v: v / b, (value, grads))
+    return finish(state, value, grads)
+
+  def finish(state, value, grads):
     if axis_name:
       value, grads = jax.lax.pmean((value, grads), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -155,6 +172,50 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
     return new, metrics
 
   return train_step
+
+
+def vdm_per_example(apply_fn, loss: LossConfig, params, x, t, eps, eps_0, y, rngs, gammas):
+  """VDM's negative ELBO per example [B] in bits/dim at the schedule values `gammas` =
+  (gamma_t [B], gamma'(t) [B], gamma_0, gamma_1) (`core.losses.vdm_gammas`)."""
+  g_t = gammas[0].reshape((-1,) + (1,) * (x.ndim - 1))
+  x_t = jnp.sqrt(jax.nn.sigmoid(-g_t)) * x + jnp.sqrt(jax.nn.sigmoid(g_t)) * eps
+  pred = apply_fn({"params": params}, x_t, t, y, train=rngs is not None, rngs=rngs)
+  terms = losses.vdm_terms(loss.target, pred, x, eps, eps_0, *gammas, levels=loss.levels)
+  return terms.total / (x[0].size * jnp.log(2.0))
+
+
+def _vdm_value_and_grad(apply_fn, schedule, loss: LossConfig, params, x, t, eps, eps_0, y, k_drop):
+  """(mean bits/dim, gradient) of the VDM objective.
+
+  The network's gradient is that of the mean loss. A learned schedule enters the loss only through
+  the per-example values gamma(t_i), gamma'(t_i) and the ends gamma_0, gamma_1, so one backward pass
+  gives d mean(L) / d(those values); the schedule's gradient is then the cheap vjp of
+  `losses.vdm_gammas` with these cotangents: the ELBO's gradient, or, with variance minimisation, for
+  the interior (the net) the gradient of E[L^2]: example i's loss depends on its own values only, so
+  d mean(L^2) / d gamma(t_i) = 2 L_i d mean(L) / d gamma(t_i) (VDM app. I.2). The continuous-time ELBO
+  depends on the ends only, so the ends keep the ELBO's gradient."""
+  learned = isinstance(schedule, schedules.Learned)
+  rngs = {"dropout": k_drop}
+  if learned:
+    gammas, sched_vjp = jax.vjp(
+        lambda sp: losses.vdm_gammas(dataclasses.replace(schedule, **sp), t), params[bridge.SCHEDULE_PARAMS])
+  else:
+    gammas = losses.vdm_gammas(schedule, t)
+
+  def mean_loss(p, g):
+    per = vdm_per_example(apply_fn, loss, p, x, t, eps, eps_0, y, rngs, g)
+    return jnp.mean(per), per
+
+  (value, per), (grads, g_gammas) = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(params, gammas)
+  if learned:
+    sched_grads = sched_vjp(g_gammas)[0]
+    if loss.variance_minimisation:
+      two_l = 2.0 * jax.lax.stop_gradient(per)
+      var = sched_vjp((g_gammas[0] * two_l, g_gammas[1] * two_l,
+                       jnp.zeros_like(g_gammas[2]), jnp.zeros_like(g_gammas[3])))[0]
+      sched_grads = {**sched_grads, "net": var["net"]}
+    grads = {**grads, bridge.SCHEDULE_PARAMS: sched_grads}
+  return value, grads
 
 
 def _ordered_value_and_grad(loss_sum, mesh, params, rows):
@@ -194,6 +255,11 @@ def make_eval_loss(apply_fn: Callable, schedule, loss: LossConfig):
     t = losses.sample_t(k_t, x.shape[0], loss.time_sampler, schedule=schedule, num_steps=num_discrete,
                         t_min=loss.t_min)
     eps = jax.random.normal(k_eps, x.shape, jnp.float32)
+    y = batch["label"] if loss.null_class is not None else None
+    if loss.objective == "vdm":
+      eps_0 = jax.random.normal(jax.random.fold_in(k_eps, 1), x.shape, jnp.float32)
+      gammas = losses.vdm_gammas(bridge.bind_schedule(schedule, params), t)
+      return jnp.mean(vdm_per_example(apply_fn, loss, params, x, t, eps, eps_0, y, None, gammas))
     x_t = process.q_sample(schedule, x, t, eps)
     y = batch["label"] if loss.null_class is not None else None
     pred = apply_fn({"params": params}, x_t, t, y, train=False)
