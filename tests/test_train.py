@@ -64,10 +64,14 @@ def data_dir(tmp_path_factory):
     ("model.dtype", "float16", r"model.dtype must be 'float32' or 'bfloat16'"),
     ("train.batch_size", 0, r"train.batch_size must be a positive integer, got 0"),
     ("model.mlp.learn_sigma", True, r"model.mlp.learn_sigma=True: the variance channels are trained only by "
-                                    r"L_vlb; set diffusion.objective='hybrid' \(got 'simple'\)"),
+                                    r"L_vlb; set diffusion.objective='hybrid' or 'vlb' \(got 'simple'\)"),
     ("diffusion.objective", "hybrid", r"diffusion.objective='hybrid' trains learned variances: set "
                                       r"model.mlp.learn_sigma=True"),
-    ("diffusion.objective", "vlb", r"unknown objective 'vlb'; allowed: \['simple', 'hybrid'\]"),
+    ("diffusion.objective", "elbo", r"unknown objective 'elbo'; allowed: \['simple', 'hybrid', 'vdm', 'vlb'\]"),
+    ("diffusion.schedule", "learned", r"diffusion.schedule='learned' is trained by the VDM ELBO only"),
+    ("diffusion.variance_minimisation", True, r"diffusion.variance_minimisation=True trains a learned schedule"),
+    ("diffusion.time_sampler", "importance", r"time sampler 'importance' is for the pure L_vlb objective"),
+    ("data.levels", 1, r"data.levels must be an integer in \[2, 256\]"),
     ("data.workers", -1, r"data.workers must be an integer >= 0, got -1"),
     ("data.prefetch", -2, r"data.prefetch must be an integer >= 0, got -2"),
     ("data.crop_min_scale", 0.0, r"data.crop_min_scale must be in \(0, 1\], got 0.0"),
@@ -80,6 +84,22 @@ def data_dir(tmp_path_factory):
 def test_bad_settings_are_refused(data_dir, key, value, match):
   with pytest.raises(ConfigError, match=match):
     settings_lib.parse(_toy(data_dir, **{key: value}))
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"diffusion.t_min": 1e-4}, r"diffusion.objective='vdm' integrates over t in \[0, 1\]: set diffusion.t_min=0"),
+    ({"diffusion.schedule": "ve"}, r"diffusion.objective='vdm' needs a VP schedule"),
+    ({"diffusion.target": "flow", "diffusion.schedule": "linear_log_snr"}, r"needs a VP target: eps, x0, v or score"),
+    ({"diffusion.time_sampler": "log_normal"}, r"time_sampler must be 'uniform' or 'low_discrepancy'"),
+    ({"diffusion.weighting": "snr"}, r"has its own weighting"),
+    ({"mesh.ordered_reduction": True}, r"does not support mesh.ordered_reduction"),
+    ({"model.mlp.learn_sigma": True}, r"learn_sigma=True: the variance channels are trained only by L_vlb"),
+])
+def test_vdm_settings_where_it_is_not_defined_are_refused(data_dir, over, match):
+  base = {"diffusion.objective": "vdm", "diffusion.schedule": "learned", "diffusion.t_min": 0.0,
+          "diffusion.time_sampler": "low_discrepancy"}
+  with pytest.raises(ConfigError, match=match):
+    settings_lib.parse(_toy(data_dir, **{**base, **over}))
 
 
 def test_unknown_config_key_names_nearest():
@@ -159,6 +179,32 @@ def test_train_compiles_once_and_resumes_in_process(data_dir, tmp_path):
   assert out["eval"] == rec["metrics"]
   # One evaluator for the run: the second evaluation reuses the compiled likelihood functions.
   assert traces["eval_bpd_vlb"] == traces["eval_bpd_ode"] == 1, traces
+
+
+def test_importance_sampled_vlb_keeps_its_history_in_the_checkpoint_and_resumes_bit_identically(data_dir, tmp_path):
+  """Pure L_vlb with importance-sampled times on a 20-step discrete schedule: uniform until every step
+  has 10 values of L_t, then p_t ~ sqrt(E[L_t^2]). 16 steps uninterrupted against a resume from the
+  step-8 checkpoint alone: the history is part of the state, so every array is bit-identical."""
+  import shutil
+
+  import jax
+  over = {"model.mlp.learn_sigma": True, "diffusion.objective": "vlb", "diffusion.time_sampler": "importance",
+          "diffusion.schedule": "ddpm_linear", "diffusion.schedule_kwargs": {"num_steps": 20},
+          "sample.method": "ddpm", "train.num_steps": 16, "train.ckpt_every": 8, "train.log_every": 8,
+          "sample.num_steps": 4}
+  ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+  out = train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **over)), ref)
+  assert out["step"] == 16 and np.isfinite(out["train_loss_last"])
+  shutil.copytree(os.path.join(ref, "checkpoints", "8"), os.path.join(cut, "checkpoints", "8"))
+  train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **over)), cut)
+  a, b = _restore_state(ref, 16), _restore_state(cut, 16)
+  hist = a["aux"]["vlb_history"]
+  assert int(np.sum(hist["count"])) == 16 * 64 and np.all(np.asarray(hist["count"]) >= 10)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The history at step 8 differs from the one at 16 (it was updated), and is non-zero where counted.
+  h8 = _restore_state(ref, 8)["aux"]["vlb_history"]
+  assert int(np.sum(h8["count"])) == 8 * 64
 
 
 def test_hybrid_objective_trains_learned_variances_end_to_end(data_dir, tmp_path):

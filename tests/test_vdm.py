@@ -213,3 +213,18 @@ def test_vdm_gradients_are_those_of_the_elbo_and_with_variance_minimisation_of_t
   a, e = ours[1][1][key]["net"]["l2_w"], ref_grads[key]["net"]["l2_w"]
   assert float(jnp.max(jnp.abs(a - e))) > 0.1 * float(jnp.max(jnp.abs(e)))
   assert float(jnp.abs(ref_grads[key]["gamma_0"])) > 0 and float(jnp.abs(ref_grads[key]["gamma_1"])) > 0
+
+
+def test_fourier_features_of_the_input():
+  from diffusax.nn import UNet, unet
+  x = np.asarray([[-1.0, -0.3], [0.125, 0.9]], np.float32).reshape(1, 2, 2, 1)
+  f = np.asarray(unet.fourier_features(jnp.asarray(x), (3, 4)))
+  want = [np.sin(2.0 ** 3 * 2 * np.pi * x[..., 0]), np.sin(2.0 ** 4 * 2 * np.pi * x[..., 0]),
+          np.cos(2.0 ** 3 * 2 * np.pi * x[..., 0]), np.cos(2.0 ** 4 * 2 * np.pi * x[..., 0])]
+  np.testing.assert_allclose(f, np.stack(want, -1), atol=2e-5)
+  net = UNet(base_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4,
+             fourier_features=(3, 4))
+  shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,))))
+  kernel = shapes["params"]["encoder"]["conv_in"]["kernel"]
+  kernel = getattr(kernel, "value", kernel)
+  assert kernel.shape[-2] == 1 + 4  # the image channel and its four features

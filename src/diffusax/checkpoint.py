@@ -33,6 +33,7 @@ whose replicated result every process sees; only process 0 renames folders.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -214,9 +215,13 @@ class Checkpointer:
       if part:
         state = self._restore_part(int(step), abstract_state, part)
       else:
-        out = self.manager.restore(int(step),
-                                   args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        absent = self._absent_empty_fields(int(step), abstract_state)
+        target = abstract_state if not absent else {
+            f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state) if f.name not in absent}
+        out = self.manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         state = out["state"]
+        if absent:  # Fields added to the state since: empty (no arrays), so nothing to read or verify.
+          state = type(abstract_state)(**state, **{n: getattr(abstract_state, n) for n in absent})
     except Exception as e:  # noqa: BLE001 - a damaged file fails deep inside tensorstore.
       raise CheckpointCorrupted(f"{where} is unreadable: {_one_line(e)}") from None
     if recorded is None:
@@ -231,6 +236,19 @@ class Checkpointer:
           f"{where} is corrupted: array {bad[0]} has checksum {checks[bad[0]]} but {recorded.get(bad[0])} "
           f"was recorded at save" + (f" ({len(bad)} arrays differ)" if len(bad) > 1 else ""))
     return state, meta
+
+  def _absent_empty_fields(self, step: int, abstract_state) -> list[str]:
+    """Fields of a dataclass state that hold no arrays here and that the saved state lacks (a checkpoint
+    written before the field existed, e.g. TrainState.aux): restored as they are in `abstract_state`."""
+    if not dataclasses.is_dataclass(abstract_state):
+      return []
+    empty = [f.name for f in dataclasses.fields(abstract_state) if not jax.tree.leaves(getattr(abstract_state, f.name))]
+    if not empty:
+      return []
+    from etils import epath
+    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+    saved = getattr(saved, "tree", saved)
+    return [n for n in empty if isinstance(saved, dict) and n not in saved]
 
   def _restore_part(self, step: int, abstract, part: tuple):
     """Reads only the subtree at `part` of the saved state (orbax partial restore).

@@ -184,6 +184,71 @@ def hybrid_loss(schedule: Schedule, target: str, out, x0, eps, t, *, dt: float, 
   return simple + vlb_weight * vlb, {"simple": simple, "vlb": vlb}
 
 
+def vlb_objective(schedule: Schedule, target: str, out, x0, eps, t, *, dt: float, decoder: str = "discretized",
+                  num_bins: int = 256):
+  """Pure L_vlb per example [B] in bits/dim (Nichol & Dhariwal 2021, sec. 3.3): L_t / dt of `vlb_loss`
+  with the gradient reaching the mean (the prediction) as well as the variance channels. `out` is a
+  learned-variance output [B, ..., 2C]; t on the knots of the 1 / dt steps (unbiased for t uniform over
+  them; with `importance_t`, weight each example by its returned weight)."""
+  out = jnp.asarray(out)
+  c = x0.shape[-1]
+  if out.shape[:-1] != x0.shape[:-1] or out.shape[-1] != 2 * c:
+    raise ValueError(f"a learned-variance output needs 2C = {2 * c} channels on the last axis of x0's shape; "
+                     f"got out.shape={tuple(out.shape)}, x0.shape={tuple(x0.shape)}")
+  from diffusax.core import process
+  pred, var_interp = out[..., :c], out[..., c:]
+  x_t = process.q_sample(schedule, x0, t, eps)
+  a, sg, da, ds = targets_lib.coefficients(schedule, jnp.asarray(t, F32))
+  x0_hat = targets_lib.to_x0_eps(target, pred.astype(F32), x_t, a, sg, da, ds)[0]
+  return vlb_loss(schedule, x0, x_t, t, x0_hat, var_interp, dt=dt, decoder=decoder, num_bins=num_bins) / dt
+
+
+# ---------------------------------------------------------------------------
+# Importance-sampled times for L_vlb (improved DDPM, Nichol & Dhariwal 2021, sec. 3.3).
+#
+# A history of the last `history` values of L_t for each of the T steps; p_t is proportional to
+# sqrt(E[L_t^2]) (mixed with uniform_prob of the uniform distribution, as in their sampler), and uniform
+# until every step has its full history. An example drawn with probability p_t is weighted 1 / (T p_t),
+# so E_p[L_t / (T p_t)] = (1 / T) sum_t L_t, the uniform average, whatever the history.
+
+def importance_init(num_steps: int, history: int = 10) -> dict:
+  """The empty history: {"losses": float32 [T, history], "count": int32 [T]}."""
+  return {"losses": jnp.zeros((num_steps, history), F32), "count": jnp.zeros((num_steps,), jnp.int32)}
+
+
+def importance_probs(hist: dict, uniform_prob: float = 1e-3):
+  """p [T]: proportional to sqrt(mean of the squared history) once every step's history is full, else uniform."""
+  losses_, count = hist["losses"], hist["count"]
+  n, h = losses_.shape
+  w = jnp.sqrt(jnp.mean(jnp.square(losses_), axis=1))
+  full = jnp.all(count >= h) & (jnp.sum(w) > 0)
+  p = w / jnp.where(full, jnp.sum(w), 1.0)
+  p = p * (1.0 - uniform_prob) + uniform_prob / n
+  return jnp.where(full, p, jnp.full((n,), 1.0 / n, F32))
+
+
+def importance_t(key, batch_size: int, hist: dict, uniform_prob: float = 1e-3):
+  """(step index i [B] int32 in 0..T-1, weight [B] = 1 / (T p_i)); the time of step i is (i + 1) / T."""
+  p = importance_probs(hist, uniform_prob)
+  i = jax.random.categorical(key, jnp.log(p), shape=(batch_size,)).astype(jnp.int32)
+  return i, 1.0 / (p.shape[0] * p[i])
+
+
+def importance_update(hist: dict, steps, values) -> dict:
+  """The history with `values` [B] (L_t of each example, unweighted) appended at their `steps` [B],
+  in batch order, each step's history a ring of its last `history` values."""
+  steps, values = jnp.asarray(steps, jnp.int32), jax.lax.stop_gradient(jnp.asarray(values, F32))
+  h = hist["losses"].shape[1]
+
+  def put(j, hs):
+    losses_, count = hs
+    i = steps[j]
+    return losses_.at[i, count[i] % h].set(values[j]), count.at[i].add(1)
+
+  losses_, count = jax.lax.fori_loop(0, steps.shape[0], put, (hist["losses"], hist["count"]))
+  return {"losses": losses_, "count": count}
+
+
 # ---------------------------------------------------------------------------
 # The continuous-time ELBO of a VP model (VDM, Kingma et al. 2021).
 

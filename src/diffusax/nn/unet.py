@@ -181,6 +181,15 @@ def check_widths(base_channels: int, channel_mult: Sequence[int], num_groups: in
     layers.check_groups(base_channels * m, num_groups, f"{where} GroupNorm at width {base_channels}*{m}")
 
 
+def fourier_features(x, exponents: Sequence[int]):
+  """[B, ..., C] -> [B, ..., 2 C len(exponents)]: sin(2^n 2 pi x) then cos(2^n 2 pi x) for each n
+  (VDM's input features, Kingma et al. 2021, app. B: fine detail of x visible to the first layer)."""
+  x = jnp.asarray(x, F32)
+  w = jnp.asarray([2.0 ** n * 2.0 * jnp.pi for n in exponents], F32)
+  h = (x[..., None] * w).reshape(x.shape[:-1] + (-1,))  # [..., C * N], channel-major
+  return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
+
+
 class UNet(nn.Module):
   """ADM/DDPM U-Net denoiser; see the module docstring for shapes and options.
 
@@ -205,6 +214,7 @@ class UNet(nn.Module):
   fourier_scale: float = 16.0              # std of random Fourier frequencies
   num_groups: int = 32                     # GroupNorm groups (must divide every width)
   low_res_channels: int = 0                # > 0: expect `low_res` for super-resolution
+  fourier_features: Sequence[int] = ()     # exponents n: sin and cos of 2^n 2 pi x appended to the input (VDM)
   remat: bool = False                      # recompute ResBlock activations in backward (memory for compute)
   dtype: Dtype = F32                       # compute dtype
   param_dtype: Dtype = F32                 # parameter dtype
@@ -233,6 +243,8 @@ class UNet(nn.Module):
       x = jnp.concatenate([x.astype(F32), up], axis=-1)
     elif low_res is not None:
       raise ValueError("low_res was given but the UNet has low_res_channels=0")
+    if self.fourier_features:
+      x = jnp.concatenate([x.astype(F32), fourier_features(x[..., :c], self.fourier_features)], axis=-1)
 
     h, skips = UNetEncoder(self.base_channels, tuple(self.channel_mult), self.num_res_blocks,
                            tuple(self.attn_resolutions), self.num_heads, self.num_head_channels,

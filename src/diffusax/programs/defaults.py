@@ -78,10 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.weighting = "uniform"  # core.losses.WEIGHTINGS name.
   c.diffusion.min_snr_gamma = 5.0    # gamma of the min_snr weighting.
   c.diffusion.sigmoid_bias = -1.0    # bias of the sigmoid weighting.
-  c.diffusion.time_sampler = "uniform"  # core.losses.TIME_SAMPLERS name.
+  c.diffusion.time_sampler = "uniform"  # core.losses.TIME_SAMPLERS name, or "importance" (objective "vlb":
+                                     # p_t ~ sqrt(E[L_t^2]) from a history kept in the checkpoint).
   c.diffusion.t_min = 1e-4           # Smallest continuous training time.
   c.diffusion.objective = "simple"   # "simple": the weighted loss above; "hybrid": + vlb_weight * L_vlb
                                      # (improved DDPM), which trains learned variances (model.<net>.learn_sigma);
+                                     # "vlb": pure L_vlb (learned variances, mean and variance by the VLB);
                                      # "vdm": the continuous-time negative ELBO in bits/dim (Kingma et al. 2021),
                                      # which also trains a learned schedule (diffusion.schedule = "learned").
   c.diffusion.learn_endpoints = False  # Learned schedule: train gamma_0 and gamma_1 too (else fixed at the

@@ -225,13 +225,15 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
   if c.model.name not in nn.NETWORKS:
     raise ConfigError(f"unknown model.name {c.model.name!r}; allowed: {sorted(nn.NETWORKS)}")
   learn_sigma = bool(c.model[c.model.name].get("learn_sigma", False))  # A declared field of the network's block.
-  if learn_sigma and loss.objective != "hybrid":
+  if learn_sigma and loss.objective not in ("hybrid", "vlb"):
     raise ConfigError(f"model.{c.model.name}.learn_sigma=True: the variance channels are trained only by "
-                      f"L_vlb; set diffusion.objective='hybrid' (got {loss.objective!r}), or learn_sigma=False")
-  if loss.objective == "hybrid" and not learn_sigma:
+                      f"L_vlb; set diffusion.objective='hybrid' or 'vlb' (got {loss.objective!r}), or learn_sigma=False")
+  if loss.objective in ("hybrid", "vlb") and not learn_sigma:
     have = "" if "learn_sigma" in c.model[c.model.name] else f" (model {c.model.name!r} has no learn_sigma option)"
-    raise ConfigError(f"diffusion.objective='hybrid' trains learned variances: set model.{c.model.name}.learn_sigma"
-                      f"=True{have}")
+    raise ConfigError(f"diffusion.objective={loss.objective!r} trains learned variances: set "
+                      f"model.{c.model.name}.learn_sigma=True{have}")
+  if loss.time_sampler == "importance" and c.mesh.ordered_reduction:
+    raise ConfigError("diffusion.time_sampler='importance' does not support mesh.ordered_reduction=True")
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
   from diffusax.core import samplers  # Deferred: samplers are optional for parsing tests.
@@ -423,6 +425,6 @@ def with_null_class(s: Settings, num_classes: int | None) -> Settings:
 
 
 def time_sampler_check(s: Settings) -> None:
-  if s.loss.time_sampler == "uniform_discrete" and not hasattr(s.schedule, "num_steps"):
-    raise ConfigError("diffusion.time_sampler='uniform_discrete' needs a discrete schedule "
+  if s.loss.time_sampler in ("uniform_discrete", "importance") and not hasattr(s.schedule, "num_steps"):
+    raise ConfigError(f"diffusion.time_sampler={s.loss.time_sampler!r} needs a discrete schedule "
                       f"(ddpm_linear or ddpm_cosine), got {s.schedule_name!r}")

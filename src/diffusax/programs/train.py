@@ -71,7 +71,7 @@ def state_shardings(abstract_state, param_sh, mesh):
   is_params = lambda x: jax.tree.structure(x) == ptd
   opt = jax.tree.map(lambda x: param_sh if is_params(x) else rep, abstract_state.opt_state, is_leaf=is_params)
   return state_lib.TrainState(step=rep, params=param_sh, ema_params=tuple(param_sh for _ in abstract_state.ema_params),
-                              opt_state=opt, rng=rep)
+                              opt_state=opt, rng=rep, aux=jax.tree.map(lambda _: rep, abstract_state.aux))
 
 
 def setup(s: Settings, devices=None, traces: TraceCounts | None = None) -> Setup:
@@ -113,7 +113,8 @@ def for_training(m: ModelSetup, source, traces: TraceCounts | None = None) -> Se
                       "processes: use mesh.strategy='mesh'")
   traces = TraceCounts() if traces is None else traces
   tx, lr_fn = optim_lib.make(s.optim)
-  abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, s.seed, s.num_ema), m.abstract_params)
+  aux = step_lib.initial_aux(s.loss, m.schedule)
+  abstract_state = jax.eval_shape(lambda p: state_lib.create(p, tx, s.seed, s.num_ema, aux), m.abstract_params)
   shardings = state_shardings(abstract_state, m.param_shardings, m.mesh)
   fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelSetup)}
   return Setup(**fields, source=source, tx=tx, lr_fn=lr_fn, abstract_state=abstract_state,
@@ -140,7 +141,7 @@ def _make_init(m: ModelSetup, tx, shardings, traces: TraceCounts):
 
   def init(seed_key):
     params = mesh_lib.unbox(m.param_init(jax.random.fold_in(seed_key, 0x1A17)))
-    return state_lib.create(params, tx, s.seed, s.num_ema)
+    return state_lib.create(params, tx, s.seed, s.num_ema, step_lib.initial_aux(s.loss, m.schedule))
 
   jitted = jax.jit(traces.wrap("init", init), out_shardings=shardings)
   compiled = []

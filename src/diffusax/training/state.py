@@ -10,6 +10,9 @@ donated, sharded and saved by orbax as it is:
     opt_state   optax state
     rng         uint32 [2] raw key data of the run's base key; draws at step k
                 use fold_in(base, k)
+    aux         the objective's own state: () for most, {"vlb_history": ...} for
+                importance-sampled L_vlb (`core.losses.importance_init`). A checkpoint
+                written before this field existed restores with aux = () (checkpoint.py).
 """
 from __future__ import annotations
 
@@ -28,12 +31,13 @@ class TrainState:
   ema_params: Any
   opt_state: Any
   rng: Any
+  aux: Any = ()
 
   def replace(self, **kw) -> "TrainState":
     return dataclasses.replace(self, **kw)
 
 
-def create(params, tx, seed: int, num_ema: int) -> TrainState:
+def create(params, tx, seed: int, num_ema: int, aux: Any = ()) -> TrainState:
   """A fresh state at step 0; each EMA starts equal to params."""
   return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -41,6 +45,7 @@ def create(params, tx, seed: int, num_ema: int) -> TrainState:
       ema_params=tuple(jax.tree.map(jnp.copy, params) for _ in range(num_ema)),
       opt_state=tx.init(params),
       rng=jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
+      aux=aux,
   )
 
 

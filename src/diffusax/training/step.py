@@ -65,8 +65,11 @@ class LossConfig:
   def __post_init__(self):
     targets_lib.check_target(self.target)
     losses.check_weighting(self.weighting)
-    if self.time_sampler not in losses.TIME_SAMPLERS:
-      raise ValueError(f"unknown time sampler {self.time_sampler!r}; allowed: {sorted(losses.TIME_SAMPLERS)}")
+    if self.time_sampler not in losses.TIME_SAMPLERS and self.time_sampler != "importance":
+      raise ValueError(f"unknown time sampler {self.time_sampler!r}; allowed: "
+                       f"{sorted(list(losses.TIME_SAMPLERS) + ['importance'])}")
+    if self.time_sampler == "importance" and self.objective != "vlb":
+      raise ValueError(f"time sampler 'importance' is for the pure L_vlb objective ('vlb'), got {self.objective!r}")
     if not 0.0 <= self.label_dropout <= 1.0:
       raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout}")
     if not 0.0 <= self.t_min < 1.0:
@@ -81,12 +84,23 @@ class LossConfig:
 # L_simple + lambda L_vlb (core.losses.hybrid_loss) of a learned-variance network (2C output channels);
 # "vdm": VDM's continuous-time negative ELBO in bits/dim (core.losses.vdm_terms), which also trains a
 # learned schedule (core.schedules.Learned, its parameters in params["schedule"]).
-OBJECTIVES = ("simple", "hybrid", "vdm")
+OBJECTIVES = ("simple", "hybrid", "vdm", "vlb")  # "vlb": pure L_vlb (core.losses.vlb_objective), learned variances
+IMPORTANCE = "importance"  # LossConfig.time_sampler of importance-sampled L_vlb (core.losses.importance_t)
+
+
+def initial_aux(loss: LossConfig, schedule):
+  """The TrainState's `aux` for this objective: the empty L_t history of importance sampling, else ()."""
+  if loss.time_sampler == IMPORTANCE:
+    return {"vlb_history": losses.importance_init(schedule.num_steps)}
+  return ()
 
 
 def per_example_loss(schedule, loss: LossConfig, out, x0, eps, t):
   """The training objective per example [B] of a network output at x_t = q_sample(x0, t, eps)."""
   wparams = dict(loss.weighting_params)
+  if loss.objective == "vlb":
+    return losses.vlb_objective(schedule, loss.target, out, x0, eps, t, dt=loss.dt(schedule), decoder=loss.decoder,
+                                num_bins=loss.levels)
   if loss.objective == "hybrid":
     return losses.hybrid_loss(schedule, loss.target, out, x0, eps, t, dt=loss.dt(schedule),
                               vlb_weight=loss.vlb_weight, weighting=loss.weighting, decoder=loss.decoder,
@@ -121,16 +135,24 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
   ema_gammas = tuple(float(g) for g in ema_gammas)
   num_discrete = getattr(schedule, "num_steps", None)
   vdm = loss.objective == "vdm"
-  if vdm and ordered_mesh is not None:
-    raise ValueError("the vdm objective's gradient is not implemented with the fixed-order reduction")
+  importance = loss.time_sampler == IMPORTANCE
+  if (vdm or importance) and ordered_mesh is not None:
+    raise ValueError("the vdm objective and importance sampling are not implemented with the fixed-order reduction")
+  if importance and not num_discrete:
+    raise ValueError("importance-sampled times need a discrete schedule (its T steps)")
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, Any]]:
     x = batch["x"]
     b = x.shape[0]
     n = axis_size if axis_name else 1
     k_t, k_eps, k_label, k_drop = step_keys(state)
-    t = losses.sample_t(k_t, b * n, loss.time_sampler, schedule=schedule, num_steps=num_discrete,
-                        t_min=loss.t_min)
+    if importance:
+      t_idx, t_weight = losses.importance_t(k_t, b * n, state.aux["vlb_history"])
+      t = (t_idx.astype(jnp.float32) + 1.0) / num_discrete
+    else:
+      t = losses.sample_t(k_t, b * n, loss.time_sampler, schedule=schedule, num_steps=num_discrete,
+                          t_min=loss.t_min)
+      t_weight = jnp.ones((b * n,), jnp.float32)
     eps = jax.random.normal(k_eps, (b * n,) + x.shape[1:], jnp.float32)
     y = None
     if loss.null_class is not None:
@@ -140,7 +162,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
       y = losses.drop_labels(k_label, labels, loss.label_dropout, loss.null_class)
     if axis_name:  # This device's rows of the global draws.
       start = jax.lax.axis_index(axis_name) * b
-      t, eps = (jax.lax.dynamic_slice_in_dim(v, start, b) for v in (t, eps))
+      t, eps, t_weight = (jax.lax.dynamic_slice_in_dim(v, start, b) for v in (t, eps, t_weight))
       y = None if y is None else jax.lax.dynamic_slice_in_dim(y, start, b)
     if vdm:
       eps_0 = jax.random.normal(jax.random.fold_in(k_eps, 1), (b * n,) + x.shape[1:], jnp.float32)
@@ -154,6 +176,17 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
       pred = apply_fn({"params": params}, x_t, t, y, train=True, rngs={"dropout": k_drop})
       return jnp.sum(per_example_loss(schedule, loss, pred, x, eps, t))
 
+    if importance:  # The weighted objective; the history takes the unweighted L_t of the global batch.
+      def weighted(p):
+        pred = apply_fn({"params": p}, x_t, t, y, train=True, rngs={"dropout": k_drop})
+        per = per_example_loss(schedule, loss, pred, x, eps, t)
+        return jnp.sum(t_weight * per) / b, per
+
+      (value, per), grads = jax.value_and_grad(weighted, has_aux=True)(state.params)
+      if axis_name:
+        per = jax.lax.all_gather(per, axis_name, tiled=True)
+      hist = losses.importance_update(state.aux["vlb_history"], t_idx, per)
+      return finish(state, value, grads, {**state.aux, "vlb_history": hist})
     if ordered_mesh is None:
       value, grads = jax.value_and_grad(lambda p: loss_sum(p, x_t, t, y, x, eps) / b)(state.params)
     else:
@@ -161,14 +194,15 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
       value, grads = jax.tree.map(lambda v: v / b, (value, grads))
     return finish(state, value, grads)
 
-  def finish(state, value, grads):
+  def finish(state, value, grads, aux=None):
     if axis_name:
       value, grads = jax.lax.pmean((value, grads), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state_lib.update_ema(state.ema_params, params, ema_decays, state.step, ema_warmup, ema_gammas)
     metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}
-    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                        aux=state.aux if aux is None else aux)
     return new, metrics
 
   return train_step
@@ -249,11 +283,12 @@ def make_eval_loss(apply_fn: Callable, schedule, loss: LossConfig):
   """(params, batch, key) -> mean loss with fixed draws from `key`, no dropout, labels kept."""
   num_discrete = getattr(schedule, "num_steps", None)
 
+  sampler = "uniform_discrete" if loss.time_sampler == IMPORTANCE else loss.time_sampler  # unweighted
+
   def eval_loss(params, batch, key):
     x = batch["x"]
     k_t, k_eps = jax.random.split(key)
-    t = losses.sample_t(k_t, x.shape[0], loss.time_sampler, schedule=schedule, num_steps=num_discrete,
-                        t_min=loss.t_min)
+    t = losses.sample_t(k_t, x.shape[0], sampler, schedule=schedule, num_steps=num_discrete, t_min=loss.t_min)
     eps = jax.random.normal(k_eps, x.shape, jnp.float32)
     y = batch["label"] if loss.null_class is not None else None
     if loss.objective == "vdm":
