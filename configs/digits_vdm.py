@@ -6,10 +6,12 @@
 The network, data and training steps are those of configs/digits.py. The loss is the
 negative ELBO in bits/dim: 1/2 gamma'(t) ||eps - eps_hat||^2 at t ~ U[0, 1]
 (stratified over the batch), plus the prior and the decoder over the digits' 17
-values. gamma = -logSNR is a monotone network (positive weights) between fixed
-ends; with variance minimisation its interior is trained to minimise E[L^2], the
-variance of the loss, which the ELBO does not depend on (app. I.2). --mode=eval's
-bpd_vlb is this bound (bits per 17-level value).
+values. gamma = -logSNR is a monotone network (positive weights) between two
+ends; the ends are trained by the ELBO (they set the prior and decoder terms and
+how much of the logSNR range the diffusion term covers) and, with variance
+minimisation, the interior is trained to minimise E[L^2], the variance of the
+loss, which the ELBO does not depend on (app. I.2). --mode=eval's bpd_vlb is
+this bound (bits per 17-level value).
 
 The fixed-schedule baseline of the README's table:
     --config.diffusion.schedule=linear_log_snr --config.diffusion.variance_minimisation=False
@@ -24,7 +26,7 @@ def get_config():
   c.diffusion.schedule_kwargs = {"gamma_0": -13.3, "gamma_1": 5.0, "hidden": 1024}  # VDM's ends and width.
   c.diffusion.objective = "vdm"            # The continuous-time negative ELBO in bits/dim.
   c.diffusion.variance_minimisation = True  # The schedule's interior minimises the loss variance.
-  c.diffusion.learn_endpoints = False
+  c.diffusion.learn_endpoints = True       # gamma_0 and gamma_1 trained by the ELBO (from VDM's -13.3 and 5).
   c.diffusion.target = "eps"               # VDM's parameterisation.
   c.diffusion.time_sampler = "low_discrepancy"  # t_i = (u + i / B) mod 1 over the batch.
   c.diffusion.t_min = 0.0                  # The integral is over [0, 1].
