@@ -33,12 +33,15 @@ CASES = [  # (method, schedule, target, steps, options)
     ("flow_heun", "flow", "x0", 40, {}),
     ("euler_maruyama", "vp_linear", "eps", 1000, {}),
     ("pc", "ve", "eps", 500, {}),
+    ("heun", "learned", "v", 40, {}),  # a VDM schedule: the Karras grid inverts its gamma by bisection
 ]
 
 
 @pytest.mark.parametrize("method,sched,target,steps,opts", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_samples_match_mixture(method, sched, target, steps, opts):
-  schedule = schedules.get(sched, sigma_max=20.0) if sched == "ve" else schedules.get(sched)
+  schedule = {"ve": lambda: schedules.get(sched, sigma_max=20.0),
+              "learned": lambda: schedules.get(sched, gamma_0=-12.0, gamma_1=8.0, hidden=32)}.get(
+                  sched, lambda: schedules.get(sched))()
   x_T = process.prior_sample(jax.random.key(0), schedule, (N, 2))
   x = samplers.sample(G.model(schedule, target), x_T, method=method, num_steps=steps,
                       key=jax.random.key(1), options=opts)

@@ -228,3 +228,65 @@ def test_fourier_features_of_the_input():
   kernel = shapes["params"]["encoder"]["conv_in"]["kernel"]
   kernel = getattr(kernel, "value", kernel)
   assert kernel.shape[-2] == 1 + 4  # the image channel and its four features
+
+
+def test_vdm_trains_the_schedule_samples_and_evaluates_end_to_end(tmp_path):
+  """A tiny digits DiT with the VDM objective and a learned schedule (learned ends, variance
+  minimisation): the schedule's parameters train (in params["schedule"], and in the EMA), samples are
+  written, --mode=eval's bpd_vlb is the continuous bound over 17 values (the PF-ODE on a learned schedule:
+  tests/test_likelihood_ode.py), and vector data is refused."""
+  import json
+  import os
+
+  from diffusax.nn import bridge
+  from diffusax.programs import evaluate, settings as settings_lib, train
+  from diffusax.programs.settings import ConfigError
+  from test_train import _digits_dit, _restore_state, _toy
+  over = {"data.workers": 0, "data.random_flip": False, "data.levels": 17, "diffusion.objective": "vdm",
+          "diffusion.schedule": "learned", "diffusion.schedule_kwargs": {"gamma_0": -10.0, "gamma_1": 6.0, "hidden": 16},
+          "diffusion.learn_endpoints": True, "diffusion.variance_minimisation": True, "diffusion.target": "eps",
+          "diffusion.t_min": 0.0, "diffusion.time_sampler": "low_discrepancy", "train.num_steps": 8,
+          "train.ckpt_every": 8, "train.log_every": 4, "optim.warmup_steps": 0, "optim.lr": 1e-2,
+          "eval.metrics": ("bpd_vlb",), "eval.bpd_examples": 8, "eval.vlb_steps": 4,
+          "train.full_eval": True, "train.eval_every": 0}
+  data_dir, wd = str(tmp_path / "tfds"), str(tmp_path / "run")
+  out = train.train_and_evaluate(settings_lib.parse(_digits_dit(data_dir, **over)), wd, evaluator=evaluate.Evaluator)
+  assert out["step"] == 8 and np.isfinite(out["train_loss_last"]) and os.path.exists(out["samples"])
+  state = _restore_state(wd, 8)
+  sched = state["params"][bridge.SCHEDULE_PARAMS]
+  assert float(sched["gamma_0"]) != -10.0 and float(sched["gamma_1"]) != 6.0  # the ends trained
+  init = schedules.monotone_net_init(jax.random.key(0), 16)
+  assert not np.allclose(sched["net"]["l2_w"], init["l2_w"])
+  assert bridge.SCHEDULE_PARAMS in state["ema_params"][0]
+  rec = json.load(open(os.path.join(wd, "eval", "eval_0000008.json")))
+  assert rec["likelihood"]["bound"] == "vdm_continuous" and rec["likelihood"]["levels"] == 17
+  assert all(np.isfinite(v) for v in rec["metrics"].values())
+  with pytest.raises(ConfigError, match="diffusion.objective='vdm' models discrete data"):
+    train.train_and_evaluate(settings_lib.parse(_toy(data_dir, **{k: v for k, v in over.items() if k.startswith("diffusion")}
+                                                     )), str(tmp_path / "toy"))
+
+
+def test_schedule_lr_factor_scales_only_the_schedules_updates():
+  import optax
+
+  from diffusax.nn import bridge
+  from diffusax.training import state as state_lib
+  from diffusax.training import step as step_lib
+  module, params, (x, _, _, _), template = _mlp_problem(True)
+  apply = lambda v, *a, train=False, rngs=None: module.apply(v, *a)
+  deltas = []
+  for f in (1.0, 3.0):
+    cfg = step_lib.LossConfig(target="eps", t_min=0.0, objective="vdm", levels=17, time_sampler="low_discrepancy",
+                              schedule_lr_factor=f)
+    tx = optax.sgd(1e-2)
+    st = state_lib.create(params, tx, 0, 1)
+    new, _ = jax.jit(step_lib.make_train_step(apply, tx, lambda s: 1e-2, template, cfg, (0.9,)))(st, {"x": x})
+    deltas.append(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new.params, params))
+  key = bridge.SCHEDULE_PARAMS
+  for a, b in zip(jax.tree.leaves(deltas[0][key]), jax.tree.leaves(deltas[1][key])):
+    np.testing.assert_allclose(b, 3.0 * a, rtol=1e-4, atol=2e-6)  # deltas of float32 params: rounding
+  net0 = {k: v for k, v in deltas[0].items() if k != key}
+  net1 = {k: v for k, v in deltas[1].items() if k != key}
+  for a, b in zip(jax.tree.leaves(net0), jax.tree.leaves(net1)):
+    np.testing.assert_array_equal(a, b)
+  assert float(np.abs(deltas[0][key]["gamma_0"])) > 0

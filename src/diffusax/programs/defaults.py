@@ -90,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
                                      # schedule_kwargs values).
   c.diffusion.variance_minimisation = False  # Learned schedule: train its interior to minimise the variance
                                      # of the loss (VDM app. I.2) instead of by the ELBO's gradient.
+  c.diffusion.schedule_lr_factor = 1.0  # Learned schedule: its optimizer updates times this (Adam moves a
+                                     # parameter about lr per step: gamma_0 by at most lr * steps otherwise).
   c.diffusion.vlb_weight = 1e-3      # lambda of the hybrid objective (Nichol & Dhariwal 2021).
   c.diffusion.vlb_steps = 1000       # Steps T of L_vlb on continuous schedules (discrete ones use theirs).
 

@@ -217,7 +217,8 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
                       objective=c.diffusion.objective, vlb_weight=float(c.diffusion.vlb_weight),
                       vlb_steps=_positive("diffusion.vlb_steps", c.diffusion.vlb_steps),
                       levels=int(c.data.levels) if isinstance(c.data.levels, int) else 256,
-                      variance_minimisation=bool(c.diffusion.variance_minimisation))
+                      variance_minimisation=bool(c.diffusion.variance_minimisation),
+                      schedule_lr_factor=float(c.diffusion.schedule_lr_factor))
   except ValueError as e:
     raise ConfigError(str(e)) from None
   _check_vdm(c, loss)
@@ -295,6 +296,8 @@ def _check_vdm(c, loss: LossConfig) -> None:
   if learned and loss.objective != "vdm":
     raise ConfigError(f"diffusion.schedule='learned' is trained by the VDM ELBO only: set "
                       f"diffusion.objective='vdm' (got {loss.objective!r}), or pick a fixed schedule")
+  if not float(d.schedule_lr_factor) > 0:
+    raise ConfigError(f"diffusion.schedule_lr_factor must be > 0, got {d.schedule_lr_factor!r}")
   for key in ("learn_endpoints", "variance_minimisation"):
     if d[key] and not learned:
       raise ConfigError(f"diffusion.{key}=True trains a learned schedule: set diffusion.schedule='learned' "

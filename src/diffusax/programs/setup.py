@@ -166,6 +166,9 @@ def model_setup(s: Settings, devices=None, data: registry.Description | None = N
   # L_vlb's first-step decoder (hybrid objective): 8-bit images are discretised, vectors continuous.
   s = dataclasses.replace(s, loss=dataclasses.replace(
       s.loss, decoder="discretized" if data.transform == "image" else "gaussian"))
+  if s.loss.objective == "vdm" and data.transform != "image":
+    raise ConfigError(f"diffusion.objective='vdm' models discrete data (images on data.levels values); dataset "
+                      f"{s.data.name!r} holds continuous vectors of shape {tuple(data.shape)}")
   try:
     mesh = mesh_lib.make_mesh(s.mesh_shape, devices)
   except ValueError as e:

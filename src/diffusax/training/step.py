@@ -57,6 +57,7 @@ class LossConfig:
   decoder: str = "discretized"        # L_vlb's first-step decoder: discretized (8-bit images) or gaussian
   levels: int = 256                   # values per channel of the data: the decoders' bins (8-bit: 256)
   variance_minimisation: bool = False  # "vdm" + learned schedule: its interior minimises E[L^2] (VDM app. I.2)
+  schedule_lr_factor: float = 1.0     # a learned schedule's optimizer updates are scaled by this
 
   def dt(self, schedule) -> float:
     """The step of L_vlb: 1 / T of a discrete schedule, else 1 / vlb_steps."""
@@ -198,6 +199,9 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
     if axis_name:
       value, grads = jax.lax.pmean((value, grads), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if loss.schedule_lr_factor != 1.0 and isinstance(updates, dict) and bridge.SCHEDULE_PARAMS in updates:
+      f = loss.schedule_lr_factor
+      updates = {**updates, bridge.SCHEDULE_PARAMS: jax.tree.map(lambda u: u * f, updates[bridge.SCHEDULE_PARAMS])}
     params = optax.apply_updates(state.params, updates)
     ema = state_lib.update_ema(state.ema_params, params, ema_decays, state.step, ema_warmup, ema_gammas)
     metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}
