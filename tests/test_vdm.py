@@ -290,3 +290,17 @@ def test_schedule_lr_factor_scales_only_the_schedules_updates():
   for a, b in zip(jax.tree.leaves(net0), jax.tree.leaves(net1)):
     np.testing.assert_array_equal(a, b)
   assert float(np.abs(deltas[0][key]["gamma_0"])) > 0
+
+
+def test_an_option_added_later_leaves_the_signature_of_older_checkpoints():
+  """UNet.fourier_features came after checkpoints existed: at its default it is not in the signature
+  (a checkpoint from before still matches), set it is."""
+  import sys
+  import os
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+  import digits
+  from diffusax.programs import settings as settings_lib
+  c = digits.get_config()
+  assert "fourier_features" not in settings_lib.parse(c).model_settings()["kwargs"]
+  c.model.unet.fourier_features = (3, 4)
+  assert settings_lib.parse(c).model_settings()["kwargs"]["fourier_features"] == [3, 4]
