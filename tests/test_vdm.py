@@ -304,3 +304,9 @@ def test_an_option_added_later_leaves_the_signature_of_older_checkpoints():
   assert "fourier_features" not in settings_lib.parse(c).model_settings()["kwargs"]
   c.model.unet.fourier_features = (3, 4)
   assert settings_lib.parse(c).model_settings()["kwargs"]["fourier_features"] == [3, 4]
+  # Either way round: a signature that records the option at its neutral value matches one without it.
+  from diffusax import checkpoint
+  with_it = {"model": {"kwargs": {"a": 1, "fourier_features": []}}, "params": {}}
+  without = {"model": {"kwargs": {"a": 1}}, "params": {}}
+  assert checkpoint.signature_diff(with_it, without) == checkpoint.signature_diff(without, with_it) == []
+  assert checkpoint.signature_diff({"model": {"kwargs": {"a": 1, "fourier_features": [3]}}, "params": {}}, without)

@@ -75,9 +75,22 @@ def model_signature(abstract_params, model_settings: dict) -> dict:
   return {"params": shapes, "model": model_settings}
 
 
+# Network options added after checkpoints were written, with the value that leaves the network as it was:
+# at that value an option is the same as its absence (either side of a comparison), so checkpoints from
+# before the option match. The programs also leave them out of new signatures at that value.
+NEUTRAL_KWARGS = {"fourier_features": []}
+
+
+def _without_neutral(model: dict) -> dict:
+  kw = model.get("kwargs")
+  if not isinstance(kw, dict):
+    return model
+  return {**model, "kwargs": {k: v for k, v in kw.items() if not (k in NEUTRAL_KWARGS and v == NEUTRAL_KWARGS[k])}}
+
+
 def signature_diff(saved: dict, current: dict, limit: int = 5) -> list[str]:
   out = []
-  sm, cm = saved.get("model", {}), current.get("model", {})
+  sm, cm = _without_neutral(saved.get("model", {})), _without_neutral(current.get("model", {}))
   for k in sorted(set(sm) | set(cm)):
     if sm.get(k) != cm.get(k):
       out.append(f"model.{k}: checkpoint {sm.get(k)!r}, now {cm.get(k)!r}")

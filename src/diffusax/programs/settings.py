@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from diffusax.checkpoint import NEUTRAL_KWARGS  # options left out of signatures at their neutral value
 from diffusax.core import schedules
 from diffusax.core import targets as targets_lib
 from diffusax.programs.defaults import base_config
@@ -23,9 +24,6 @@ MESH_STRATEGIES = ("mesh", "pmap")  # How the train step is parallelised (see pr
 # Network options that change how it computes, not its parameters: a checkpoint written with one
 # value restores with another.
 COMPUTE_ONLY_KWARGS = ("remat",)
-# Network options added after checkpoints were written, with the default that leaves the network as it
-# was: left out of the checkpoint signature at that default, so older checkpoints still match.
-NEUTRAL_DEFAULTS = {"fourier_features": []}
 
 
 class ConfigError(ValueError):
@@ -179,7 +177,7 @@ class Settings:
   def model_settings(self) -> dict:
     """What identifies the network in a checkpoint."""
     kwargs = {k: v for k, v in self.model_kwargs.items() if k not in COMPUTE_ONLY_KWARGS
-              and not (k in NEUTRAL_DEFAULTS and _jsonable(v) == NEUTRAL_DEFAULTS[k])}
+              and not (k in NEUTRAL_KWARGS and _jsonable(v) == NEUTRAL_KWARGS[k])}
     return {"name": self.model_name, "kwargs": _jsonable(kwargs), "target": self.loss.target,
             "schedule": self.schedule_name, "class_conditional": self.class_conditional}
 
