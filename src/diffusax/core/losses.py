@@ -160,6 +160,16 @@ def vlb_loss(schedule: Schedule, x0, x_t, t, x0_hat, var_interp, *, dt: float, d
   return jnp.mean(per.reshape(per.shape[0], -1), axis=1) / jnp.log(2.0)
 
 
+def _split_learned_variance(out, x0):
+  """A learned-variance output [B, ..., 2C] -> (prediction, var_interp), each x0's shape."""
+  out = jnp.asarray(out)
+  c = x0.shape[-1]
+  if out.shape[:-1] != x0.shape[:-1] or out.shape[-1] != 2 * c:
+    raise ValueError(f"a learned-variance output needs 2C = {2 * c} channels on the last axis of x0's shape; "
+                     f"got out.shape={tuple(out.shape)}, x0.shape={tuple(x0.shape)}")
+  return out[..., :c], out[..., c:]
+
+
 def hybrid_loss(schedule: Schedule, target: str, out, x0, eps, t, *, dt: float, vlb_weight: float = 1e-3,
                 weighting: str = "uniform", decoder: str = "discretized", num_bins: int = 256, **weighting_params):
   """L_hybrid = L_simple + lambda L_vlb per example [B] (Nichol & Dhariwal 2021, sec. 3.1), and its parts.
@@ -169,12 +179,7 @@ def hybrid_loss(schedule: Schedule, target: str, out, x0, eps, t, *, dt: float, 
   estimated at this t; their code's vb * T / 1000 with lambda = 1e-3) with the prediction's gradient
   stopped, so L_vlb trains only the variance channels. Returns (total [B], {"simple", "vlb"} [B]).
   """
-  out = jnp.asarray(out)
-  c = x0.shape[-1]
-  if out.shape[:-1] != x0.shape[:-1] or out.shape[-1] != 2 * c:
-    raise ValueError(f"a learned-variance output needs 2C = {2 * c} channels on the last axis of x0's shape; "
-                     f"got out.shape={tuple(out.shape)}, x0.shape={tuple(x0.shape)}")
-  pred, var_interp = out[..., :c], out[..., c:]
+  pred, var_interp = _split_learned_variance(out, x0)
   simple = diffusion_loss(schedule, target, pred, x0, eps, t, weighting=weighting, **weighting_params)
   from diffusax.core import process
   x_t = process.q_sample(schedule, x0, t, eps)
@@ -190,13 +195,8 @@ def vlb_objective(schedule: Schedule, target: str, out, x0, eps, t, *, dt: float
   with the gradient reaching the mean (the prediction) as well as the variance channels. `out` is a
   learned-variance output [B, ..., 2C]; t on the knots of the 1 / dt steps (unbiased for t uniform over
   them; with `importance_t`, weight each example by its returned weight)."""
-  out = jnp.asarray(out)
-  c = x0.shape[-1]
-  if out.shape[:-1] != x0.shape[:-1] or out.shape[-1] != 2 * c:
-    raise ValueError(f"a learned-variance output needs 2C = {2 * c} channels on the last axis of x0's shape; "
-                     f"got out.shape={tuple(out.shape)}, x0.shape={tuple(x0.shape)}")
   from diffusax.core import process
-  pred, var_interp = out[..., :c], out[..., c:]
+  pred, var_interp = _split_learned_variance(out, x0)
   x_t = process.q_sample(schedule, x0, t, eps)
   a, sg, da, ds = targets_lib.coefficients(schedule, jnp.asarray(t, F32))
   x0_hat = targets_lib.to_x0_eps(target, pred.astype(F32), x_t, a, sg, da, ds)[0]

@@ -343,6 +343,12 @@ class GammaSchedule(Schedule):
   def sigma(self, t):
     return jnp.sqrt(jax.nn.sigmoid(self.gamma(t)))
 
+  def _check_ends(self, name: str) -> None:
+    """gamma_1 > gamma_0 for the ends a user passes in (not for traced ones)."""
+    lo, hi = _concrete(self.gamma_0), _concrete(self.gamma_1)
+    if lo is not None and hi is not None:
+      _check(hi > lo, f"{name}: gamma_1 must exceed gamma_0, got gamma_0={lo}, gamma_1={hi}")
+
   def d_gamma(self, t):
     """d gamma / dt, elementwise, by forward-mode autodiff."""
     t = _f32(t)
@@ -370,9 +376,7 @@ class LinearLogSNR(GammaSchedule):
   gamma_1: Any = 5.0
 
   def __post_init__(self):
-    lo, hi = _concrete(self.gamma_0), _concrete(self.gamma_1)
-    if lo is not None and hi is not None:
-      _check(hi > lo, f"linear_log_snr: gamma_1 must exceed gamma_0, got gamma_0={lo}, gamma_1={hi}")
+    self._check_ends("linear_log_snr")
 
   def gamma(self, t):
     return self.gamma_0 + (self.gamma_1 - self.gamma_0) * _f32(t)
@@ -421,9 +425,7 @@ class Learned(GammaSchedule):
   gamma_1: Any = 5.0
 
   def __post_init__(self):
-    lo, hi = _concrete(self.gamma_0), _concrete(self.gamma_1)
-    if lo is not None and hi is not None:
-      _check(hi > lo, f"learned: gamma_1 must exceed gamma_0, got gamma_0={lo}, gamma_1={hi}")
+    self._check_ends("learned")
 
   def gamma(self, t):
     m = lambda u: monotone_net(self.net, u)
