@@ -300,7 +300,6 @@ def make_eval_loss(apply_fn: Callable, schedule, loss: LossConfig):
       gammas = losses.vdm_gammas(bridge.bind_schedule(schedule, params), t)
       return jnp.mean(vdm_per_example(apply_fn, loss, params, x, t, eps, eps_0, y, None, gammas))
     x_t = process.q_sample(schedule, x, t, eps)
-    y = batch["label"] if loss.null_class is not None else None
     pred = apply_fn({"params": params}, x_t, t, y, train=False)
     return jnp.mean(per_example_loss(schedule, loss, pred, x, eps, t))
 
