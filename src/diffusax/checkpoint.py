@@ -34,13 +34,13 @@ whose replicated result every process sees; only process 0 renames folders.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffusax import storage
 from diffusax.parallel import integrity
 
 
@@ -111,7 +111,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                replicated_sharding=None, log: Callable[[str], None] = print, allow_unverified: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.resolve(directory)
     self.allow_unverified = allow_unverified
     # Step folders are created synchronously: a failure to create one (read-only disk) then raises in
     # save() itself, instead of leaving orbax's commit thread waiting minutes for a folder that never comes.
@@ -207,7 +207,7 @@ class Checkpointer:
         step = max(older)
 
   def _restore_verified(self, abstract_state, signature, step, part=()):
-    where = f"checkpoint {os.path.join(self.directory, str(step))}"
+    where = f"checkpoint {storage.join(self.directory, str(step))}"
     try:
       meta = self.read_meta(step)
     except Exception as e:  # noqa: BLE001
@@ -258,8 +258,7 @@ class Checkpointer:
     empty = [f.name for f in dataclasses.fields(abstract_state) if not jax.tree.leaves(getattr(abstract_state, f.name))]
     if not empty:
       return []
-    from etils import epath
-    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+    saved = ocp.PyTreeCheckpointHandler().metadata(storage.path(self.directory) / str(step) / "state")
     saved = getattr(saved, "tree", saved)
     return [n for n in empty if isinstance(saved, dict) and n not in saved]
 
@@ -271,8 +270,7 @@ class Checkpointer:
     path, list levels (tuples are saved as lists) keep their length with every
     other entry a placeholder that is not read.
     """
-    from etils import epath
-    path = epath.Path(self.directory) / str(step) / "state"
+    path = storage.path(self.directory) / str(step) / "state"
     reader = ocp.PyTreeCheckpointHandler()  # On the item's folder: the manager's handler registry is not involved.
     saved = reader.metadata(path)
     saved = getattr(saved, "tree", saved)
@@ -299,12 +297,12 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
-      src = os.path.join(self.directory, str(step))
+      src = storage.join(self.directory, str(step))
       dst = src + ".corrupt"
       n = 1
-      while os.path.exists(dst):
+      while storage.exists(dst):
         dst, n = f"{src}.corrupt{n}", n + 1
-      os.rename(src, dst)
+      storage.move_tree(src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"diffusax_set_aside_{step}")

@@ -133,21 +133,33 @@ def _parse_flags(argv):
 
 
 def _check_workdir(workdir: str) -> None:
-  """Refuses a --workdir that is a file or cannot be created (under a file, or without permission)."""
-  if "://" in workdir:
-    return  # A remote path: its own library reports what is wrong.
-  path = os.path.abspath(os.path.expanduser(workdir))
-  if os.path.exists(path):
-    if not os.path.isdir(path):
-      _error(f"--workdir={workdir} is a file, not a directory")
+  """Refuses a --workdir that is a file or cannot be created (under a file, or without permission); on an
+  object store (gs://, s3://) one small object is written, read and deleted (storage.probe)."""
+  from diffusax import storage
+  try:
+    storage.probe(workdir, "--workdir")
+  except storage.StorageError as e:
+    _error(str(e))
+  if storage.is_remote(workdir):
     return
-  parent = os.path.dirname(path)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    _error(f"--workdir={workdir} cannot be created: {parent} is a file, not a directory")
-  if not os.access(parent, os.W_OK | os.X_OK):
-    _error(f"--workdir={workdir} cannot be created: no permission to write in {parent}")
+  path = storage.resolve(workdir)
+  if not os.path.exists(path):
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+      _error(f"--workdir={workdir} cannot be created: no permission to write in {parent}")
+
+
+def _check_data_dir(config) -> None:
+  """A remote data.data_dir: its bucket must exist and be readable (a local one is checked by the data layer)."""
+  from diffusax import storage
+  data_dir = config.data.data_dir if "data" in config and "data_dir" in config.data else ""
+  if data_dir and storage.is_remote(data_dir):
+    try:
+      storage.probe_read(data_dir, "--config.data.data_dir")
+    except storage.StorageError as e:
+      _error(str(e))
 
 
 def _apply_runtime(config) -> None:
@@ -184,6 +196,7 @@ def main(argv) -> None:
     settings_lib.check_keys(config)
   except settings_lib.ConfigError as e:
     _error(str(e))
+  _check_data_dir(config)
   _apply_runtime(config)
   from diffusax.parallel import distributed  # Before any device use: joins the other processes, if any.
   try:

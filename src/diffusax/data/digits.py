@@ -69,8 +69,5 @@ def _png(image: np.ndarray) -> bytes:
 
 def prepare(data_dir: str) -> "SklearnDigits":
   """Builds the dataset into data_dir if it is not there yet; returns the builder."""
-  builder = SklearnDigits(data_dir=data_dir)
-  if not builder.is_prepared():
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  return builder
+  from diffusax.data import registry
+  return registry.build_embedded(lambda d: SklearnDigits(data_dir=d), data_dir)

@@ -152,8 +152,5 @@ class DiffusaxPhotos(tfds.core.GeneratorBasedBuilder):
 
 def prepare(data_dir: str, size: int = 32) -> DiffusaxPhotos:
   """Builds the `size` config into data_dir if it is not there yet; returns the builder."""
-  builder = DiffusaxPhotos(config=f"size{size}", data_dir=data_dir)
-  if not builder.is_prepared():
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  return builder
+  from diffusax.data import registry
+  return registry.build_embedded(lambda d: DiffusaxPhotos(config=f"size{size}", data_dir=d), data_dir)

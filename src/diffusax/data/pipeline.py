@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from diffusax import storage
 from diffusax.data import registry
 from diffusax.data.sources import ArraySource, CachedSource, DataError, read, toy_gmm2d  # noqa: F401 - re-exported
 
@@ -38,7 +39,7 @@ def open_source(name: str, split: str, data_dir: str, *, cache_max_bytes: int = 
   A split whose decoded examples fit in `cache_max_bytes` is read once into memory (CachedSource:
   no decoding per step; grain's workers each get a copy); larger ones are decoded as they are read.
   """
-  data_dir = os.path.expanduser(data_dir)
+  data_dir = storage.resolve(data_dir)
   entry = EMBEDDED.get(name)
   if entry is not None and entry.source is not None:
     return entry.source(split)
@@ -74,8 +75,22 @@ def open_source(name: str, split: str, data_dir: str, *, cache_max_bytes: int = 
     raise DataError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
   source = builder.as_data_source(split=split)
   if len(source) and len(source) * _example_bytes(source) <= cache_max_bytes:
-    source = CachedSource(source)
+    source = _cached_copy(builder, split) if storage.is_remote(str(builder.data_dir)) else CachedSource(source)
   return source
+
+
+def _cached_copy(builder, split: str) -> CachedSource:
+  """A small split on an object store, read into memory from a local copy of its files: one request
+  per file instead of one per record (array_record's random access)."""
+  import tempfile
+  import tensorflow_datasets as tfds
+  root = str(builder.data_dir)
+  names = [n for n in storage.listdir(root) if n.endswith(".json") and not n.endswith(storage.MARKER_SUFFIX)]
+  with tempfile.TemporaryDirectory(prefix="diffusax_split.") as tmp:
+    for n in names + list(builder.info.splits[split].filenames):
+      with open(os.path.join(tmp, n), "wb") as f:
+        f.write(storage.read_bytes(storage.join(root, n)))
+    return CachedSource(tfds.builder_from_directory(tmp).as_data_source(split=split))
 
 
 def _example_bytes(source) -> int:
@@ -85,8 +100,8 @@ def _example_bytes(source) -> int:
 
 def _check_data_dir(data_dir: str) -> None:
   """Refuses a data_dir that is, or lies under, a regular file (TFDS would call it 'not prepared')."""
-  if "://" in data_dir:
-    return
+  if storage.is_remote(data_dir):
+    return  # main probes a remote data_dir at start-up (storage.probe_read).
   path = os.path.abspath(data_dir)
   while not os.path.exists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)

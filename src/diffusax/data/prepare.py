@@ -33,6 +33,9 @@ with classes, `label` with the class names), plus `diffusax_prepare.json`
 DATA_DIR/.prepare-NAME.* folder and renamed into place at the very end, so a
 failed or killed build leaves nothing that opens as a dataset (the temporary
 folder of a killed build is removed by the next build of NAME on that host).
+A DATA_DIR on an object store (gs://BUCKET/PATH, which has no rename) is built
+in a local temporary folder and copied up file by file, `diffusax_prepare.json`
+last and committed (storage.commit), so there too a dataset opens only whole.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from diffusax import storage
 from diffusax.data import registry
 
 VERSION = "1.0.0"
@@ -277,8 +281,7 @@ def _bad_line(bad: list[tuple[str, str]], limit: int = 20) -> str:
 
 
 def _is_prepared_dir(path: str) -> bool:
-  return os.path.isdir(path) and any(os.path.exists(os.path.join(path, v, registry.PREPARED_MARKER))
-                                     for v in os.listdir(path))
+  return any(storage.committed(storage.join(path, v, registry.PREPARED_MARKER)) for v in storage.listdir(path))
 
 
 def _tmp_prefix(name: str) -> str:
@@ -314,13 +317,16 @@ def validate(images: str, name: str, size: int, data_dir: str, test_fraction: fl
     raise PrepareError(f"--test_fraction={test_fraction} must be in [0, 1)")
   if not images:
     raise PrepareError("--images is required: a folder of images (class sub-folders give labels)")
-  if "://" in data_dir:
-    raise PrepareError(f"--data_dir={data_dir}: build into a local folder, then copy it")
-  data_dir = os.path.abspath(os.path.expanduser(data_dir))
-  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+  if storage.is_remote(data_dir):
+    try:
+      data_dir = storage.probe(data_dir, "--data_dir")
+    except storage.StorageError as e:
+      raise PrepareError(str(e)) from None
+  data_dir = storage.resolve(data_dir)
+  if not storage.is_remote(data_dir) and os.path.exists(data_dir) and not os.path.isdir(data_dir):
     raise PrepareError(f"--data_dir={data_dir} is a file, not a directory")
-  target = os.path.join(data_dir, name)
-  if os.path.lexists(target):
+  target = storage.join(data_dir, name)
+  if os.path.lexists(target) if not storage.is_remote(target) else storage.listdir(target):
     if not _is_prepared_dir(target):
       raise PrepareError(f"{target} exists and was not made by diffusax.data.prepare; not replacing it")
     if not overwrite:
@@ -373,9 +379,11 @@ def prepare(images: str, name: str, size: int, data_dir: str, *, on_error: str =
 
   import tensorflow_datasets as tfds  # Deferred: seconds to import; argument errors come first.
   from tensorflow_datasets.core.utils import tqdm_utils
-  os.makedirs(data_dir, exist_ok=True)
-  _remove_stale(data_dir, name)
-  tmp = tempfile.mkdtemp(prefix=f"{_tmp_prefix(name)}{os.getpid()}.", dir=data_dir)
+  remote = storage.is_remote(data_dir)
+  if not remote:
+    os.makedirs(data_dir, exist_ok=True)
+    _remove_stale(data_dir, name)
+  tmp = tempfile.mkdtemp(prefix=f"{_tmp_prefix(name)}{os.getpid()}.", dir=None if remote else data_dir)
   bars = getattr(tqdm_utils, "_active", True)
   try:
     tfds.display_progress_bar(False)  # This module's own bars show the conversion.
@@ -392,6 +400,9 @@ def prepare(images: str, name: str, size: int, data_dir: str, *, on_error: str =
     }
     with open(os.path.join(tmp, name, VERSION, registry.PREPARED_MARKER), "w") as f:
       json.dump(summary, f, indent=1)
+    if remote:
+      _upload(os.path.join(tmp, name), storage.join(data_dir, name), overwrite)
+      return summary
     target, old = os.path.join(data_dir, name), os.path.join(tmp, "replaced")
     if os.path.lexists(target):
       if not (overwrite and _is_prepared_dir(target)):
@@ -402,6 +413,15 @@ def prepare(images: str, name: str, size: int, data_dir: str, *, on_error: str =
     tfds.display_progress_bar(bars)
     shutil.rmtree(tmp, ignore_errors=True)
   return summary
+
+
+def _upload(built: str, target: str, overwrite: bool) -> None:
+  """Copies the finished local build to `target` on an object store, its marker last (committed)."""
+  if storage.listdir(target):
+    if not (overwrite and _is_prepared_dir(target)):
+      raise PrepareError(f"{target} appeared during the build; not replacing it")
+    storage.rmtree(target)
+  storage.copy_tree(built, target, last=f"{VERSION}/{registry.PREPARED_MARKER}")
 
 
 # Flags in their own FlagValues: importing this module adds nothing to absl's global flags.
@@ -453,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
   classes = f"{len(s['class_names'])} classes" if s["class_names"] is not None else "unlabelled"
   counts = ", ".join(f"{k} {v}" for k, v in s["num_examples"].items())
   print(f"prepared {s['name']}: {counts}, {classes}, {len(s['skipped'])} skipped, "
-        f"{n / max(s['seconds'], 1e-9):.0f} images/s -> {os.path.join(os.path.abspath(os.path.expanduser(fv.data_dir)), s['name'])}\n"
+        f"{n / max(s['seconds'], 1e-9):.0f} images/s -> {storage.join(storage.resolve(fv.data_dir), s['name'])}\n"
         f"train with --config.data.name={s['name']} --config.data.data_dir={fv.data_dir}")
   return s
 

@@ -2,6 +2,7 @@
 
     EMBEDDED[name] -> Embedded        "sklearn_digits", "photos", "photos64", "toy_gmm2d"
     prepared_builder(name, data_dir) -> builder | None   a folder of images built by data/prepare.py
+    build_embedded(make, data_dir) -> builder            an embedded TFDS set, built on first use (also on gs://)
     describe(name, data_dir) -> Description   shape, classes, transform and eval features of any dataset
 
 An entry gives the dataset's example shape (the model input x of one example),
@@ -18,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
 from typing import Any, Callable
 
+from diffusax import storage
 from diffusax.data import sources
 
 
@@ -37,6 +40,32 @@ class Embedded:
   description: str
   source: Callable[[str], Any] | None = None
   builder: Callable[[str], Any] | None = None
+
+
+def build_embedded(make: Callable[[str], Any], data_dir: str):
+  """The prepared TFDS builder `make(data_dir)` of an embedded dataset, built on first use.
+
+  Local data_dir: TFDS builds in place (into an `incomplete.*` folder it renames when done). On an
+  object store TFDS cannot rename, so the set is built into a local temporary folder and its files are
+  copied up with `dataset_info.json` committed last (storage.commit: then its marker); a copy without
+  that marker (a killed upload) is redone. The builds are deterministic, so processes that build the
+  same set at once write the same files.
+  """
+  import tensorflow_datasets as tfds
+  mode = tfds.download.DownloadConfig(download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  if not storage.is_remote(data_dir):
+    builder = make(data_dir)
+    if not builder.is_prepared():
+      builder.download_and_prepare(download_config=mode)
+    return builder
+  with tempfile.TemporaryDirectory(prefix="diffusax_build.") as tmp:
+    local = make(tmp)
+    rel = os.path.relpath(str(local.data_dir), tmp).replace(os.sep, "/")
+    dst = storage.join(data_dir, rel)
+    if not storage.committed(storage.join(dst, "dataset_info.json")):
+      local.download_and_prepare(download_config=mode)
+      storage.copy_tree(str(local.data_dir), dst, last="dataset_info.json")
+  return tfds.builder_from_directory(dst)
 
 
 def _digits_builder(data_dir: str):
@@ -85,8 +114,7 @@ def prepared_builder(name: str, data_dir: str):
   """
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
     return None
-  from etils import epath
-  root = epath.Path(os.path.expanduser(data_dir)) / name
+  root = storage.path(data_dir) / name
   try:
     found = [d for d in root.iterdir() if re.fullmatch(r"\d+\.\d+\.\d+", d.name) and (d / PREPARED_MARKER).exists()]
   except (FileNotFoundError, NotADirectoryError):
@@ -119,7 +147,7 @@ def describe(name: str, data_dir: str) -> Description:
   try:
     builder = prepared_builder(name, data_dir)
     if builder is None:
-      builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir))
+      builder = tfds.builder(name, data_dir=storage.resolve(data_dir))
     feats = builder.info.features
   except Exception as e:  # noqa: BLE001 - TFDS raises DatasetNotFoundError and friends.
     raise sources.DataError(f"unknown dataset {name!r}: TFDS says {type(e).__name__}: {str(e).splitlines()[0]}. "

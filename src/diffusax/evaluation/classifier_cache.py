@@ -1,14 +1,16 @@
 """The on-disk cache of the evaluation classifiers (digits, photos): flax msgpack params plus a JSON
 side-car. A cached file is trusted only if its side-car names the same fields (version, seed, steps);
-both files are written to a temporary name and renamed, so a killed write is never read back.
+both files are committed (storage.commit: locally a temporary name renamed into place; on an object
+store a completion marker), side-car last, so a killed write is never read back.
 """
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable
 
 from flax import serialization
+
+from diffusax import storage
 
 
 def load_or_train(path: str, want: dict, template: Any, train_and_score: Callable[[], tuple[Any, float]],
@@ -16,18 +18,13 @@ def load_or_train(path: str, want: dict, template: Any, train_and_score: Callabl
   """(params, info): the cached params at `path` if its side-car matches `want`, else
   `train_and_score()` -> (params, test accuracy), cached. info = want + test_accuracy + path."""
   side = path + ".json"
-  if os.path.exists(path) and os.path.exists(side):
-    info = json.load(open(side))
+  if storage.committed(path) and storage.committed(side):
+    info = storage.read_json(side)
     if all(info.get(k) == v for k, v in want.items()):
-      with open(path, "rb") as f:
-        return serialization.from_bytes(template, f.read()), {**info, "path": path}
+      return serialization.from_bytes(template, storage.read_bytes(path)), {**info, "path": path}
   log(f"training the {what} evaluation classifier ({want['steps']} steps) -> {path}")
   params, acc = train_and_score()
   info = {**want, "test_accuracy": float(acc)}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  for p, data, mode in ((path, serialization.to_bytes(params), "wb"), (side, json.dumps(info), "w")):
-    tmp = f"{p}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-      f.write(data)
-    os.replace(tmp, p)
+  storage.commit(path, serialization.to_bytes(params))
+  storage.commit(side, json.dumps(info).encode())
   return params, {**info, "path": path}

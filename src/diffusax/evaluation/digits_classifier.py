@@ -13,13 +13,13 @@ the same version, seed and step count.
 """
 from __future__ import annotations
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from diffusax import storage
 from diffusax.evaluation import classifier_cache
 
 VERSION = "v1"
@@ -101,7 +101,7 @@ def apply(params, x, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cache_path(data_dir: str, seed: int = 0) -> str:
-  return os.path.join(os.path.expanduser(data_dir), "diffusax_digits_classifier", f"{VERSION}_seed{seed}.msgpack")
+  return storage.join(storage.resolve(data_dir), "diffusax_digits_classifier", f"{VERSION}_seed{seed}.msgpack")
 
 
 def load_or_train(data_dir: str, seed: int = 0, log=print):

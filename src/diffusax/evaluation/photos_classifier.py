@@ -14,13 +14,13 @@ dataset; a cached file is trusted only if its JSON side-car names the same versi
 """
 from __future__ import annotations
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from diffusax import storage
 from diffusax.evaluation import classifier_cache
 
 VERSION = "v1"
@@ -120,7 +120,7 @@ def apply(params, x, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cache_path(data_dir: str, seed: int = 0) -> str:
-  return os.path.join(os.path.expanduser(data_dir), "diffusax_photos_classifier", f"{VERSION}_seed{seed}.msgpack")
+  return storage.join(storage.resolve(data_dir), "diffusax_photos_classifier", f"{VERSION}_seed{seed}.msgpack")
 
 
 def load_or_train(data_dir: str, seed: int = 0, log=print):

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
 import struct
 import zipfile
 
 import numpy as np
+
+from diffusax import storage
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -169,24 +170,26 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   Raises FileNotFoundError if `path` is not a file, and NotAStateDict (a ValueError) naming `path`
   if it is not a flat {str: tensor} mapping in one of those layouts.
   """
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"weights file {path!r} does not exist")
   what = "not a PyTorch state dict (torch.save zip or legacy layout) or .npz of arrays"
+  src = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path  # gs://...: read once.
   try:
-    if zipfile.is_zipfile(path):
-      with zipfile.ZipFile(path) as zf:
+    if zipfile.is_zipfile(src):
+      with zipfile.ZipFile(src) as zf:
         names = zf.namelist()
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") <= 1]
         if pkl:
           obj = _load_zip(zf, pkl[0])
         elif names and all(n.endswith(".npy") for n in names):
-          with np.load(path, allow_pickle=False) as z:
+          if isinstance(src, io.BytesIO):
+            src.seek(0)
+          with np.load(src, allow_pickle=False) as z:
             obj = {k: z[k] for k in z.files}
         else:
           raise NotAStateDict(f"a zip archive without data.pkl or .npy members ({names[:3]}...)")
     else:
-      with open(path, "rb") as fh:
-        obj = _load_legacy(fh.read())
+      obj = _load_legacy(storage.read_bytes(path))
   except NotAStateDict as e:
     raise NotAStateDict(f"{path}: {what}: {e}") from None
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusax import storage
 from diffusax.core import likelihood
 from diffusax.data import pipeline, registry
 from diffusax.evaluation import distances
@@ -124,7 +124,7 @@ class Evaluator:
   def _sample_metrics(self, params, step: int, workdir: str, logger: Logger) -> tuple[dict, dict]:
     u, s, ev = self.u, self.u.s, self.u.s.eval
     spec = setup_lib.job_spec(u, step, num_samples=ev.num_samples, guide=self.guide)
-    out_dir = os.path.join(workdir, "eval", os.path.basename(setup_lib.default_out_dir(workdir, spec))
+    out_dir = storage.join(workdir, "eval", storage.basename(setup_lib.default_out_dir(workdir, spec))
                            + f"_n{spec.num_samples}")
     # The sample function depends on the sampler settings, not on the checkpoint step.
     guide = self.guide.guide if self.guide is not None else None
@@ -235,9 +235,8 @@ class Evaluator:
                              "hutchinson": ev.hutchinson, "t_min": ev.t_min},
               "seconds": round(time.perf_counter() - t0, 1), **extra}
     if jax.process_index() == 0:
-      path = os.path.join(workdir, "eval", f"eval_{step:07d}.json")
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      job_lib.atomic_write(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
+      path = storage.join(workdir, "eval", f"eval_{step:07d}.json")
+      storage.commit(path, json.dumps(result, indent=1).encode(), marker=False)
       result["path"] = path
     logger.scalars({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}, step)
     logger.info(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

@@ -1,10 +1,56 @@
-"""Logging: a progress line with ETA on stdout and TensorBoard events (tensorboardX, no TensorFlow)."""
+"""Logging: a progress line with ETA on stdout and TensorBoard events (tensorboardX, no TensorFlow).
+
+Events go to WORKDIR/tb through the storage layer: a local file is appended to; on an object store
+(gs://, s3://), where an object cannot be appended to, `_ObjectEvents` keeps the current part in
+memory and rewrites it whole at each flush, starting a new part (`<name>.<k>`, read by TensorBoard as
+one more events file of the run) past `PART_BYTES`, so a flush uploads at most that much.
+"""
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
+
+from diffusax import storage
+
+PART_BYTES = 4 << 20
+
+
+class _ObjectEvents:
+  """A tensorboardX record file on an object store (see the module docstring)."""
+
+  def __init__(self, path: str):
+    self.path, self.part, self.buf, self.dirty = path, 0, bytearray(), False
+
+  def write(self, data: bytes) -> None:
+    self.buf += data
+    self.dirty = True
+
+  def flush(self) -> None:
+    if not self.dirty:
+      return
+    name = self.path if self.part == 0 else f"{self.path}.{self.part}"
+    storage.write_bytes(name, bytes(self.buf))
+    self.dirty = False
+    if len(self.buf) >= PART_BYTES:
+      self.part, self.buf = self.part + 1, bytearray()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _ObjectEventsFactory:
+  def open(self, path):
+    return _ObjectEvents(path)
+
+  def directory_check(self, path):
+    pass  # No folders on an object store.
+
+
+def _register_object_stores() -> None:
+  from tensorboardX import record_writer
+  for scheme in ("gs", "s3"):
+    record_writer.register_writer_factory(scheme, _ObjectEventsFactory())
 
 
 def _fmt_time(s: float) -> str:
@@ -22,7 +68,8 @@ class Logger:
     self.writer = None
     if enabled:
       from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+      _register_object_stores()
+      self.writer = SummaryWriter(storage.join(workdir, "tb"))
 
   def info(self, msg: str) -> None:
     if self.enabled:

@@ -21,26 +21,25 @@ the relative distance of the two parameter sets.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusax import checkpoint as ckpt_lib
+from diffusax import storage
 from diffusax.evaluation import curves
 from diffusax.parallel import mesh as mesh_lib
 from diffusax.programs import setup as setup_lib
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
-from diffusax.sampling import job as job_lib
 from diffusax.training import power_ema
 
 
 def check_snapshots(workdir: str) -> None:
   """Refuses a workdir without EMA snapshots before any device work (a look at the folder only)."""
-  d = os.path.join(workdir, setup_lib.SNAPSHOT_DIR)
-  if not (os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))):
+  d = storage.join(workdir, setup_lib.SNAPSHOT_DIR)
+  if not any(n.isdigit() for n in storage.listdir(d)):
     raise ConfigError(f"no EMA snapshots in {d}: train with ema.sigma_rels (e.g. (0.05, 0.1)) and "
                       "ema.snapshot_every > 0 first")
 
@@ -63,7 +62,7 @@ def _snapshot_table(u: setup_lib.ModelSetup, snaps: ckpt_lib.Checkpointer, targe
     try:
       meta = snaps.read_meta(st)
     except Exception as e:  # noqa: BLE001 - a damaged meta file.
-      raise ckpt_lib.CheckpointCorrupted(f"EMA snapshot {os.path.join(snaps.directory, str(st))} is unreadable: "
+      raise ckpt_lib.CheckpointCorrupted(f"EMA snapshot {storage.join(snaps.directory, str(st))} is unreadable: "
                                          f"meta: {ckpt_lib._one_line(e)}") from None
     table.append((st, tuple(float(v) for v in meta.get("sigma_rels", ()))))
   return target_step, table
@@ -138,7 +137,7 @@ def _sources_tag(sources) -> str:
 
 def out_workdir(workdir: str, sigma_rel: float, step: int, sources=()) -> str:
   """WORKDIR/phema/sigma_rel<v>_step<S>[_from<a>-<b>]: one folder per distinct reconstruction."""
-  return os.path.join(workdir, "phema", f"sigma_rel{sigma_rel:g}_step{step}{_sources_tag(sources)}")
+  return storage.join(workdir, "phema", f"sigma_rel{sigma_rel:g}_step{step}{_sources_tag(sources)}")
 
 
 def write_params(u: setup_lib.ModelSetup, params, step: int, out: str, info: dict, logger: Logger) -> str:
@@ -147,14 +146,14 @@ def write_params(u: setup_lib.ModelSetup, params, step: int, out: str, info: dic
   The reconstruction is a pure function of the snapshots, so one already written with the same `info`
   is kept as it is (its samples and evaluations stay valid); a different one in its place is refused.
   """
-  ckpt = ckpt_lib.Checkpointer(os.path.join(out, "checkpoints"), keep=1, async_save=False,
+  ckpt = ckpt_lib.Checkpointer(storage.join(out, "checkpoints"), keep=1, async_save=False,
                                replicated_sharding=mesh_lib.replicated(u.mesh), log=logger.info)
   try:
     if step in ckpt.all_steps():
       have = ckpt.read_meta(step).get("phema")
       if have == json.loads(json.dumps(info)):
         logger.info(f"{out} already holds this reconstruction; kept")
-        return os.path.join(out, "checkpoints", str(step))
+        return storage.join(out, "checkpoints", str(step))
       raise ConfigError(f"{out} holds a different reconstruction ({have}); the snapshots changed since it was "
                         "written: remove that folder to write it again")
     state = setup_lib.EmaOnlyState(step=jnp.asarray(step, jnp.int32), ema_params=(params,))
@@ -162,7 +161,7 @@ def write_params(u: setup_lib.ModelSetup, params, step: int, out: str, info: dic
     ckpt.wait()
   finally:
     ckpt.close()
-  return os.path.join(out, "checkpoints", str(step))
+  return storage.join(out, "checkpoints", str(step))
 
 
 def run(s: Settings, workdir: str, devices=None) -> dict:
@@ -219,13 +218,13 @@ def sweep(s: Settings, workdir: str, evaluator, devices=None) -> dict:
       coefs, (st, gm, x) = coefficients(u, table, step, v, e.reconstruct_from)
       params = reconstruct(u, snaps, table, coefs)
       # One folder per reconstruction: its samples are resumable and never mixed with another's.
-      res = ev.evaluate(params, step, out_workdir(os.path.join(workdir, "phema", "sweep"), v, step,
+      res = ev.evaluate(params, step, out_workdir(storage.join(workdir, "phema", "sweep"), v, step,
                                                   e.reconstruct_from), logger)
       row = {"sigma_rel": v, "metrics": res["metrics"], "coefficient_l1": float(np.abs(x).sum()),
              "fit_residual": fit_residual(st, gm, x, step, v)}
       trained = tracked(u, snaps, step, v) if e.reconstruct_from and v not in e.reconstruct_from else None
       if trained is not None:
-        row["trained"] = ev.evaluate(trained, step, os.path.join(workdir, "phema", "sweep",
+        row["trained"] = ev.evaluate(trained, step, storage.join(workdir, "phema", "sweep",
                                                                  f"trained_sigma_rel{v:g}_step{step}"), logger)["metrics"]
         row["param_relative_distance"] = relative_distance(params, trained)
       rows.append(row)
@@ -246,15 +245,14 @@ def sweep(s: Settings, workdir: str, evaluator, devices=None) -> dict:
                            title=f"post-hoc EMA at step {step}: {key} vs sigma_rel (x: trained EMAs)",
                            xlabel="sigma_rel", ylabel=key)
   if jax.process_index() == 0:
-    base = os.path.join(workdir, "phema")
-    os.makedirs(base, exist_ok=True)
-    job_lib.atomic_write(os.path.join(base, "sweep.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
+    base = storage.join(workdir, "phema")
+    storage.commit(storage.join(base, "sweep.json"), json.dumps(result, indent=1).encode(), marker=False)
     if key is not None:
       from diffusax.sampling import generate
-      generate.save_png(os.path.join(base, "sweep.png"), img)
-      result["plot"] = os.path.join(base, "sweep.png")
+      generate.save_png(storage.join(base, "sweep.png"), img)
+      result["plot"] = storage.join(base, "sweep.png")
     if key is not None:
       logger.info(f"best sigma_rel {result['best']['sigma_rel']:g} ({key} {result['best'][key]:.4g}); "
-                  f"curve in {os.path.join(base, 'sweep.png')}")
+                  f"curve in {storage.join(base, 'sweep.png')}")
   logger.close()
   return result

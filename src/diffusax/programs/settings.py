@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from typing import Any
 
 import ml_collections
@@ -403,12 +404,12 @@ def _parse_eval(c) -> EvalSettings:
     raise ConfigError(f"eval.t_min must be in (0, 1), got {c.eval.t_min!r}")
   weights = str(c.eval.inception_weights)
   if weights:
-    import os.path  # local: the only filesystem check of this module
-    weights = os.path.expanduser(weights)
+    from diffusax import storage  # local: the only filesystem check of this module
+    weights = storage.resolve(weights) if storage.is_remote(weights) else os.path.expanduser(weights)
     if os.path.splitext(weights)[1].lower() not in (".pth", ".npz"):
       raise ConfigError(f"eval.inception_weights must be a .pth (pt_inception-2015-12-05-6726825d.pth) "
                         f"or .npz file, got {weights!r}")
-    if not os.path.isfile(weights):
+    if not storage.isfile(weights):
       raise ConfigError(f"eval.inception_weights {weights!r} does not exist (the FID Inception weights: "
                         "pt_inception-2015-12-05-6726825d.pth from pytorch-fid's fid_weights release)")
   return EvalSettings(metrics=metrics, num_samples=_positive("eval.num_samples", c.eval.num_samples),

@@ -20,13 +20,13 @@ split, and builds no optimizer: the training program adds those
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from diffusax import checkpoint as ckpt_lib
+from diffusax import storage
 from diffusax.core import schedules
 from diffusax.data import registry
 from diffusax.nn import bridge
@@ -186,7 +186,7 @@ def model_setup(s: Settings, devices=None, data: registry.Description | None = N
 
 def open_checkpointer(u: ModelSetup, workdir: str, logger: Logger | None = None) -> ckpt_lib.Checkpointer:
   s = u.s
-  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
+  return ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
                                async_save=s.train.async_checkpoints,
                                replicated_sharding=mesh_lib.replicated(u.mesh),
                                log=logger.info if logger is not None else print,
@@ -196,7 +196,7 @@ def open_checkpointer(u: ModelSetup, workdir: str, logger: Logger | None = None)
 def open_snapshots(u: ModelSetup, workdir: str, logger: Logger | None = None) -> ckpt_lib.Checkpointer:
   """The power-function EMA snapshots (every one kept; checksummed and signed like checkpoints)."""
   s = u.s
-  return ckpt_lib.Checkpointer(os.path.join(workdir, SNAPSHOT_DIR), keep=None, async_save=s.train.async_checkpoints,
+  return ckpt_lib.Checkpointer(storage.join(workdir, SNAPSHOT_DIR), keep=None, async_save=s.train.async_checkpoints,
                                replicated_sharding=mesh_lib.replicated(u.mesh),
                                log=logger.info if logger is not None else print,
                                allow_unverified=s.train.allow_unverified_restore)
@@ -234,7 +234,7 @@ class GuideModel:
 
   @property
   def tag(self) -> str:
-    return f"{os.path.abspath(self.workdir)}@{self.step}"
+    return f"{storage.resolve(self.workdir)}@{self.step}"
 
   @property
   def guide(self) -> job_lib.Guide:
@@ -244,8 +244,8 @@ class GuideModel:
 def check_guide(s: Settings) -> None:
   """Refuses a sample.guide_workdir without checkpoints before any device work (a look at the folder only)."""
   wd = s.sample.guide_workdir
-  d = os.path.join(wd, "checkpoints")
-  if wd and not (os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))):
+  d = storage.join(wd, "checkpoints") if wd else ""
+  if wd and not any(n.isdigit() for n in storage.listdir(d)):
     raise ConfigError(f"sample.guide_workdir={wd}: no checkpoint in {d} (the guiding model's run directory)")
 
 
@@ -318,7 +318,7 @@ def default_out_dir(workdir: str, spec: job_lib.JobSpec) -> str:
   guided = f"_auto{spec.guide.rsplit('@', 1)[1]}" if spec.guide else ""
   interval = "" if tuple(spec.guidance_interval) == (0.0, 1.0) else "_t{:g}-{:g}".format(*spec.guidance_interval)
   clip = f"_clip{spec.clip_x0:g}" if spec.clip_x0 else ""
-  return os.path.join(workdir, "samples", f"step{spec.checkpoint_step}_{spec.method}{spec.num_steps}"
+  return storage.join(workdir, "samples", f"step{spec.checkpoint_step}_{spec.method}{spec.num_steps}"
                       f"_w{spec.guidance_scale:g}{guided}{interval}{clip}_seed{spec.seed}")
 
 

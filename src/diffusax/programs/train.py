@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusax import checkpoint as ckpt_lib
+from diffusax import storage
 from diffusax.data import pipeline
 from diffusax.parallel import integrity
 from diffusax.parallel import mesh as mesh_lib
@@ -194,10 +194,10 @@ def write_samples(u: Setup, params, step: int, workdir: str, logger: Logger, gen
     img = generate.image_grid(generate.to_uint8(x), rows, upscale=max(1, 64 // u.sample_shape[0]))
   else:
     img = generate.scatter_image(x)
-  path = os.path.join(workdir, "samples.png")
+  path = storage.join(workdir, "samples.png")
   if jax.process_index() == 0:
     generate.save_png(path, img)
-    generate.save_png(os.path.join(workdir, f"samples_{step:07d}.png"), img)
+    generate.save_png(storage.join(workdir, f"samples_{step:07d}.png"), img)
     logger.image("samples", img, step)
   return path
 
@@ -288,7 +288,7 @@ def train_and_evaluate(s: Settings, workdir: str, devices=None, *, evaluator=Non
       raise ConfigError("train.full_eval=True needs the evaluation program: run through diffusax.main, or "
                         "pass evaluator=diffusax.programs.evaluate.Evaluator")
     ev = evaluator(u, u.traces)  # Compiles on first use, then serves every eval interval.
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   logger.info(u.sharding_summary)
   ckpt = snaps = None
@@ -435,12 +435,12 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
     ckpt.close()
     if snaps is not None:
       snaps.close()
-    return {"step": final_step, "preempted": True, "checkpoint": os.path.join(ckpt.directory, str(final_step))}
+    return {"step": final_step, "preempted": True, "checkpoint": storage.join(ckpt.directory, str(final_step))}
   ev = evaluate_loss(u, eval_fn, state.ema_params[0], eval_source)
   grid = write_samples(u, state.ema_params[0], final_step, workdir, logger, gen)
   result = {"step": final_step, "eval_loss_ema": ev, "samples": grid, "preempted": False,
             "train_loss_last": history[-1]["loss"] if history else None,
-            "checkpoint": os.path.join(ckpt.directory, str(final_step))}
+            "checkpoint": storage.join(ckpt.directory, str(final_step))}
   if snaps is not None:
     result["ema_snapshots"] = {"directory": snaps.directory, "steps": snaps.all_steps(),
                                "bytes_per_snapshot": snapshot.bytes[0] if snapshot.bytes else None}
@@ -448,8 +448,7 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
   if evaluator is not None:
     result["eval"] = evaluator.evaluate(state.ema_params[0], final_step, workdir, logger)["metrics"]
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-      json.dump({**result, "history": history}, f, indent=1)
+    storage.commit(storage.join(workdir, "metrics.json"), json.dumps({**result, "history": history}, indent=1).encode(), marker=False)
   logger.info(f"done: step {final_step}, eval loss (EMA) {ev:.5f}, samples in {grid}")
   logger.close()
   ckpt.close()

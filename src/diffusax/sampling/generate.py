@@ -10,12 +10,14 @@ Guidance scale is a traced argument: changing it does not recompile.
 from __future__ import annotations
 
 import dataclasses
+import io
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusax import storage
 from diffusax.core import guidance, samplers
 
 
@@ -81,4 +83,6 @@ def scatter_image(points: np.ndarray, size: int = 256, extent: float = 3.0) -> n
 def save_png(path: str, image: np.ndarray) -> None:
   from PIL import Image
   img = image[..., 0] if image.shape[-1] == 1 else image
-  Image.fromarray(img).save(path)
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="PNG")
+  storage.write_bytes(path, buf.getvalue())

@@ -15,20 +15,22 @@ split over every device of every process by the mesh's batch sharding), so a
 restarted job recomputes exactly the same batches and its files are
 bit-identical to an uninterrupted run's. Process 0 writes each shard as
 `shard_KKKKKK.npz` {samples (uint8 images [n, H, W, C] or float32 vectors [n, D]),
-labels [n] (-1 when unconditional), indices [n], seed} through a temporary
-name, fsync and rename, so a shard file is either complete or absent. A
-restarted job skips the shards present, after checking that `job.json` in the
-output directory describes the same job. Labels: sample i gets
+labels [n] (-1 when unconditional), indices [n], seed} with `storage.commit`:
+locally through a temporary name, fsync and rename, so a shard file is either
+complete or absent; on an object store (gs://, no rename there) the shard and
+then its marker `shard_KKKKKK.npz.committed`, so a shard counts only once its
+marker is written and a shard without one is redone. A restarted job skips the
+committed shards, after checking that `job.json` in the output directory
+(committed the same way) describes the same job. Labels: sample i gets
 labels[i mod len(labels)] when labels are given, else i mod num_classes
 (balanced classes).
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
+import io
 import json
-import os
 import re
 import time
 from typing import Callable
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusax import storage
 from diffusax.core import guidance, samplers
 from diffusax.parallel import mesh as mesh_lib
 from diffusax.sampling import generate
@@ -150,53 +153,38 @@ def to_storage(x: np.ndarray, is_image: bool) -> np.ndarray:
 
 
 def shard_path(out_dir: str, k: int) -> str:
-  return os.path.join(out_dir, f"shard_{k:06d}.npz")
+  return storage.join(out_dir, f"shard_{k:06d}.npz")
 
 
-def _fsync_dir(path: str) -> None:
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def atomic_write(path: str, write: Callable) -> None:
-  """write(file) into a temporary name beside `path`, fsync, rename over `path`, fsync the folder."""
-  d, name = os.path.split(path)
-  tmp = os.path.join(d, f".{name}.tmp{os.getpid()}")
-  with open(tmp, "wb") as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  _fsync_dir(d)
+def _npz(data: dict) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **data)
+  return buf.getvalue()
 
 
 def done_shards(out_dir: str) -> set[int]:
-  return {int(m.group(1)) for f in os.listdir(out_dir) if (m := _SHARD.match(f))} if os.path.isdir(out_dir) else set()
+  """The committed shards in out_dir (one listing; on an object store each needs its marker)."""
+  names = set(storage.listdir(out_dir))
+  return {int(m.group(1)) for f in names if (m := _SHARD.match(f))
+          and storage.committed(storage.join(out_dir, f), names)}
 
 
 def prepare_dir(out_dir: str, spec: JobSpec) -> set[int]:
   """Creates or checks `out_dir` (job.json), removes stale temporaries; returns the finished shards."""
-  os.makedirs(out_dir, exist_ok=True)
-  meta = os.path.join(out_dir, "job.json")
+  storage.makedirs(out_dir)
+  meta = storage.join(out_dir, "job.json")
   want = spec.to_json()
-  if os.path.exists(meta):
+  if storage.committed(meta):
     # Keys added to JobSpec later read as their defaults in an older job.json.
-    have = {**JobSpec(0, 1, 0, "", 0, 0.0, 0.0).to_json(), **json.load(open(meta))}
+    have = {**JobSpec(0, 1, 0, "", 0, 0.0, 0.0).to_json(), **storage.read_json(meta)}
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if diff:
       raise JobMismatch(f"{out_dir} holds samples of a different job (differs in {diff}: "
                         + ", ".join(f"{k} {have.get(k)!r} there, {want.get(k)!r} now" for k in diff[:4])
                         + "); use another sample.output_dir or remove it")
   else:
-    atomic_write(meta, lambda f: f.write(json.dumps(want, indent=1).encode()))
-  for tmp in glob.glob(os.path.join(out_dir, ".shard_*.tmp*")):
-    os.remove(tmp)
+    storage.commit(meta, json.dumps(want, indent=1).encode())
+  storage.remove_temporaries(out_dir, r"shard_\d{6}\.npz")
   return {k for k in done_shards(out_dir) if k < spec.num_shards}
 
 
@@ -249,7 +237,7 @@ def run_job(sample_fn: Callable, params, spec: JobSpec, out_dir: str, mesh, *, l
       data = {"samples": to_storage(x, is_image), "indices": idx[:hi - lo].astype(np.int64),
               "labels": lab[:hi - lo] if conditional else np.full(hi - lo, -1, np.int32),
               "seed": np.int64(spec.seed)}
-      atomic_write(shard_path(out_dir, k), lambda f: np.savez(f, **data))
+      storage.commit(shard_path(out_dir, k), _npz(data))
     made += hi - lo
     have += hi - lo
     rate = made / max(time.perf_counter() - t0, 1e-9)
@@ -261,13 +249,14 @@ def run_job(sample_fn: Callable, params, spec: JobSpec, out_dir: str, mesh, *, l
 
 def load(out_dir: str) -> dict:
   """All shards of a finished job in index order: {samples, labels, indices}. Raises if any is missing."""
-  spec = json.load(open(os.path.join(out_dir, "job.json")))
+  spec = storage.read_json(storage.join(out_dir, "job.json"))
   n = -(-spec["num_samples"] // spec["shard_size"])
-  missing = [k for k in range(n) if not os.path.exists(shard_path(out_dir, k))]
+  done = done_shards(out_dir)
+  missing = [k for k in range(n) if k not in done]
   if missing:
     raise FileNotFoundError(f"{out_dir}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} missing; "
                             "run the sampling job again to finish it")
-  parts = [dict(np.load(shard_path(out_dir, k))) for k in range(n)]
+  parts = [dict(np.load(io.BytesIO(storage.read_bytes(shard_path(out_dir, k))))) for k in range(n)]
   out = {key: np.concatenate([p[key] for p in parts]) for key in ("samples", "labels", "indices")}
   if not np.array_equal(out["indices"], np.arange(spec["num_samples"])):
     raise ValueError(f"{out_dir}: shard indices are not 0..{spec['num_samples'] - 1}")
@@ -286,7 +275,7 @@ def digest(out_dir: str) -> str:
 def write_grid(out_dir: str, per_class: int, num_classes: int | None, is_image: bool) -> str:
   """samples.png: per_class samples of each class in one row per class (images), or a density image."""
   d = load(out_dir)
-  path = os.path.join(out_dir, "samples.png")
+  path = storage.join(out_dir, "samples.png")
   if not is_image:
     img = generate.scatter_image(d["samples"])
   elif num_classes:
