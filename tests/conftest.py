@@ -81,3 +81,27 @@ def digits_dit_run(tmp_path_factory):
   c = _digits_dit(data_dir, **{"ema.sigma_rels": (0.05, 0.1, 0.15), "ema.snapshot_every": 10})
   result = train.train_and_evaluate(settings_lib.parse(c), wd)
   return {"config": c, "data_dir": data_dir, "workdir": wd, "result": result}
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A local, in-memory Google Cloud Storage emulator (`gcp-storage-emulator`, a dev dependency) with the
+  bucket `bkt`, and this process' environment pointed at it: gcsfs (etils.epath's gs://) by
+  STORAGE_EMULATOR_HOST, tensorstore (orbax's arrays) by TENSORSTORE_GCS_HTTP_URL, array_record
+  (google-cloud-cpp, TFDS reads) by CLOUD_STORAGE_EMULATOR_ENDPOINT. Skipped, with the reason, when
+  the emulator cannot start. Returns dict(url, env): `env` holds those variables for subprocesses."""
+  from gcs_emulator import start
+  server, env = start()
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    yield {"url": env["STORAGE_EMULATOR_HOST"], "env": env}
+  finally:
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    server.terminate()
+    server.wait(10)
+    os.remove(server.log_path)

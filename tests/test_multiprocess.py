@@ -3,9 +3,13 @@
 launch/local_multiprocess.sh starts 2 processes with 2 fake CPU devices each; the
 reference is one process with 4 devices. Same config, same global batch of 64,
 each process reading its own half of every batch, gradients added in device
-order (mesh.ordered_reduction), so the two runs must agree bit for bit; and the
-negative control: without the option (an all-reduce, whose summation order
-depends on the topology) the same pair of runs differs.
+order (mesh.ordered_reduction), so the two runs must agree bit for bit: that test
+is tests/test_gcs.py::test_two_processes_write_one_checkpoint_to_gs, where the
+two processes write their checkpoint to gs:// (the shared storage of a pod) and
+share the reference run with the other gs:// tests. Here: the negative control
+(without the option, an all-reduce whose summation order depends on the
+topology, the same pair of runs, writing to a local folder, differs) and the
+launcher's port.
 """
 import errno
 import os
@@ -69,37 +73,6 @@ def _state(wd, step):
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
                         ckptr.metadata(path).item_metadata)
   return jax.tree.leaves(ckptr.restore(path, target))
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="loopback multi-process launch script is for Linux")
-def test_two_processes_match_each_other_and_one_process(tmp_path):
-  data_dir = str(tmp_path / "tfds")
-  multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
-  out = _two_processes(data_dir, multi)
-  # Only process 0 writes: one progress line per log step, one metrics file.
-  assert out.count("done: step 6") == 1, out
-  _one_process(data_dir, single)
-  # Each process holds full copies of the (replicated) state: process 0 checked that both processes'
-  # copies are bit-identical after the last step.
-  assert "replica check: " in out and "bit-identical on all 2 processes" in out, out
-  # The processes wrote one checkpoint together. Against one process of 4 devices: the same draws, the
-  # same rows per device, and (mesh.ordered_reduction) the per-device gradient sums added in device
-  # order, so the whole state is bit for bit the same.
-  n = 0
-  for step in (3, STEPS):
-    a, b = _state(multi, step), _state(single, step)
-    assert len(a) == len(b) > 0
-    for x, y in zip(a, b):
-      x, y = np.asarray(x), np.asarray(y)
-      assert x.dtype == y.dtype and x.shape == y.shape
-      np.testing.assert_array_equal(x, y)
-      n += x.size
-  print(f"\n2 processes x 2 devices vs 1 process x 4 devices: {n} values after 3 and {STEPS} steps, all identical")
-  import json
-  hm = json.load(open(os.path.join(multi, "metrics.json")))["history"]
-  hs = json.load(open(os.path.join(single, "metrics.json")))["history"]
-  assert [h["step"] for h in hm] == [h["step"] for h in hs]
-  assert [(h["loss"], h["grad_norm"]) for h in hm] == [(h["loss"], h["grad_norm"]) for h in hs]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="loopback multi-process launch script is for Linux")

@@ -101,25 +101,31 @@ def _sample_args(data_dir, wd, out, n=96):
           f"--config.sample.num_samples={n}", "--config.sample.shard_size=8", f"--config.sample.output_dir={out}"]
 
 
-# The killed child: diffusax.main with the job's atomic_write patched so that, once shard K is written
-# (renamed into place), it writes READY and blocks. The test SIGKILLs it there: shards 0..K on disk on
-# every run, and the job cannot finish before the kill.
+# The killed child: diffusax.main with storage.commit patched so that, once shard K is committed (locally:
+# renamed into place), it writes READY and blocks. The test SIGKILLs it there: shards 0..K done on every
+# run, and the job cannot finish before the kill. With a third argument "torn", shard K's file is
+# written without its commit (on an object store: the shard without its marker, as a kill between the
+# two leaves it), so shards 0..K-1 count and K must be redone.
 _BLOCK_AFTER_SHARD = r"""
-import os, sys, time
-from diffusax import main
+import sys, time
+from diffusax import main, storage
 from diffusax.sampling import job
-k, ready = int(sys.argv[1]), sys.argv[2]
-write = job.atomic_write
+k, ready, torn = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "torn"
+commit = storage.commit
 
-def blocking_write(path, fn):
-  write(path, fn)
-  if path == job.shard_path(os.path.dirname(path), k):
+def blocking_commit(path, data):
+  last = path == job.shard_path(storage.dirname(path), k)
+  if last and torn:
+    storage.path(path).write_bytes(data)
+  else:
+    commit(path, data)
+  if last:
     open(ready, "w").close()
     while True:
       time.sleep(60)
 
-job.atomic_write = blocking_write
-sys.argv = ["diffusax.main", *sys.argv[3:]]
+storage.commit = blocking_commit
+sys.argv = ["diffusax.main", *sys.argv[4:]]
 main.run()
 """
 
@@ -132,7 +138,7 @@ def test_resume_after_sigkill_gives_identical_samples(toy_run, tmp_path):
   assert "samples/s" in r.stdout and "ETA" in r.stdout
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   ready = str(tmp_path / "ready")
-  p = subprocess.Popen([sys.executable, "-c", _BLOCK_AFTER_SHARD, "4", ready, *_sample_args(data_dir, wd, cut)],
+  p = subprocess.Popen([sys.executable, "-c", _BLOCK_AFTER_SHARD, "4", ready, "whole", *_sample_args(data_dir, wd, cut)],
                        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 300
