@@ -34,6 +34,9 @@ CASES = {
     "ddim": ("vp_linear", "eps", lambda n: n, {"spacing": "log_snr"}),
     "heun": ("vp_linear", "eps", lambda n: 2 * n - 1, {}),
     "dpm_solver_pp_2m": ("vp_linear", "eps", lambda n: n, {}),
+    "dpm_solver_pp_3m": ("vp_linear", "eps", lambda n: n, {}),
+    "unipc": ("vp_linear", "eps", lambda n: n, {}),             # order 2 (diffusers' default), corrector on
+    "unipc:order3": ("vp_linear", "eps", lambda n: n, {"order": 3}),
     "flow_euler": ("flow", "flow", lambda n: n, {}),
     "flow_heun": ("flow", "flow", lambda n: 2 * n - 1, {}),
 }
@@ -53,7 +56,8 @@ def run(num_samples=512, nfes=NFES, seed=0):
   rows = {}
   refs = {}
   max_n = max(nfes) + 1  # the static bound of the traced step count (one compile per method)
-  for method, (sched_name, target, nfe_of, opts) in CASES.items():
+  for name, (sched_name, target, nfe_of, opts) in CASES.items():
+    method = name.split(":")[0]
     schedule = schedules.get(sched_name)
     x_T = process.prior_sample(jax.random.key(seed), schedule, (num_samples, 2))
     flowm = method.startswith("flow")
@@ -66,12 +70,12 @@ def run(num_samples=512, nfes=NFES, seed=0):
     f = jax.jit(lambda x, n, model=model, method=method, opts=opts:
                 samplers.sample(model, x, key=jax.random.key(1), method=method, num_steps=n, max_steps=max_n,
                                 options=opts))
-    rows[method] = []
+    rows[name] = []
     for nfe in nfes:
       n = next(k for k in range(1, nfe + 2) if nfe_of(k) >= nfe)
       x = np.asarray(f(x_T, n), np.float64)
       err = float(np.sqrt(np.mean(np.sum((x - ref) ** 2, axis=1))))
-      rows[method].append({"nfe": nfe_of(n), "steps": n, "rms_error": err})
+      rows[name].append({"nfe": nfe_of(n), "steps": n, "rms_error": err})
   return rows
 
 

@@ -1,13 +1,13 @@
 """The programs on gs:// end to end, against the local GCS emulator (conftest `gcs`), in real processes.
 
 One toy2d configuration throughout (tests/test_multiprocess.py's: 6 steps, a checkpoint every 3, 4 CPU
-devices in all, mesh.ordered_reduction), so every run below must give the same state bit for bit:
-  * the reference: one process, local workdir, uninterrupted;
-  * one process with --workdir=gs://..., killed (-9) as it is about to save step 6, then resumed;
-  * two processes joined on loopback, writing one checkpoint to gs:// together;
-each gs:// checkpoint restored here by one process. Then --mode=sample into the gs:// run, killed
-between a shard and its completion marker and restarted: the same shards as the reference's job; and
---mode=eval writing its JSON there.
+devices in all, mesh.ordered_reduction), so the two training runs below must give the same state bit for
+bit, both with --workdir=gs://...:
+  * multi: two processes of 2 devices joined on loopback, writing one checkpoint together;
+  * cut: one process of 4 devices, killed (-9) as it is about to save step 6, then resumed;
+each checkpoint restored here by one process. Then --mode=sample into the cut run, killed between a
+shard and its completion marker and restarted: the same shards as an uninterrupted job of the multi
+run written to a local folder; and --mode=eval writing its JSON to gs://.
 """
 import json
 import os
@@ -20,8 +20,8 @@ import pytest
 
 from diffusax import storage
 from test_multiprocess import ROOT, STEPS, _args, _env, _state, _two_processes
-from test_train import _BLOCK_AT_SAVE, _kill_when_ready
 from test_sample_job import _BLOCK_AFTER_SHARD
+from test_train import _BLOCK_AT_SAVE, _kill_when_ready
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="loopback multi-process launch script is for Linux")
 
@@ -33,13 +33,12 @@ def _run(args, gcs, devices=4, timeout=300):
 
 @pytest.fixture(scope="module")
 def runs(gcs, tmp_path_factory):
-  """{data_dir, ref (local workdir), cut (gs:// workdir, killed and resumed), root (its gs:// prefix)}."""
+  """{data_dir, multi and cut (gs:// workdirs, see the module docstring), multi_out (its stdout), tmp}."""
   tmp = tmp_path_factory.mktemp("gcs_runs")
-  data_dir, ref = str(tmp / "tfds"), str(tmp / "ref")
+  data_dir = str(tmp / "tfds")
   root = f"gs://bkt/{uuid.uuid4().hex[:8]}"
-  cut = storage.join(root, "cut")
-  r = _run(_args(data_dir, ref), gcs)
-  assert r.returncode == 0, r.stderr[-3000:]
+  multi, cut = storage.join(root, "multi"), storage.join(root, "cut")
+  out = _two_processes(data_dir, multi)  # the environment (os.environ) points at the emulator
   ready = str(tmp / "ready")
   p = subprocess.Popen([sys.executable, "-c", _BLOCK_AT_SAVE, str(STEPS), ready, *_args(data_dir, cut)], cwd=ROOT,
                        env={**_env(4), **gcs["env"]}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -53,49 +52,40 @@ def runs(gcs, tmp_path_factory):
   r = _run(_args(data_dir, cut), gcs)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resumed from step 3" in r.stdout, r.stdout
-  return {"data_dir": data_dir, "ref": ref, "cut": cut, "root": root, "tmp": tmp}
+  return {"data_dir": data_dir, "multi": multi, "cut": cut, "multi_out": out, "tmp": tmp}
 
 
 def _assert_same_state(a_wd, b_wd, step):
-  storage.refresh(b_wd)  # written by other processes since this one listed it
+  for wd in (a_wd, b_wd):
+    storage.refresh(wd)  # written by other processes since this one listed it
   a, b = _state(a_wd, step), _state(b_wd, step)
   assert len(a) == len(b) > 0
   for x, y in zip(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_a_run_killed_on_gs_resumes_bit_identically(runs):
-  cut = runs["cut"]
-  _assert_same_state(runs["ref"], cut, STEPS)  # restored from gs:// by this one process
-  names = set(storage.listdir(cut))
-  assert {"checkpoints", "tb", "metrics.json", "samples.png", f"samples_{STEPS:07d}.png"} <= names, names
-  assert storage.read_bytes(storage.join(cut, "samples.png"))[:8] == b"\x89PNG\r\n\x1a\n"
-  assert any("tfevents" in n for n in storage.listdir(storage.join(cut, "tb")))
-  href = {h["step"]: h for h in json.load(open(os.path.join(runs["ref"], "metrics.json")))["history"]}
-  hcut = {h["step"]: h for h in storage.read_json(storage.join(cut, "metrics.json"))["history"]}
-  assert sorted(hcut) == [STEPS]  # the resumed run's log step (steps 4-6 redone)
-  assert (hcut[STEPS]["loss"], hcut[STEPS]["grad_norm"]) == (href[STEPS]["loss"], href[STEPS]["grad_norm"])
-
-
-def test_two_processes_write_one_checkpoint_to_gs(runs, gcs):
-  """2 processes x 2 devices against the 1 process x 4 devices reference: the same draws, the same rows per
-  device, and (mesh.ordered_reduction) the per-device gradient sums added in device order, so the whole
-  state is bit for bit the same; written by the two processes together into one gs:// checkpoint and
-  restored here by one."""
-  wd = storage.join(runs["root"], "multi")
-  out = _two_processes(runs["data_dir"], wd)  # the environment (os.environ) points at the emulator
+def test_two_processes_and_a_killed_one_write_the_same_checkpoints_to_gs(runs):
+  """2 processes x 2 devices and 1 process x 4 devices, killed and resumed: the same draws, the same rows
+  per device, and (mesh.ordered_reduction) the per-device gradient sums added in device order, so the
+  whole state is bit for bit the same after 3 and 6 steps (checkpoint 3 of the cut run is the one it
+  resumed from)."""
+  multi, cut, out = runs["multi"], runs["cut"], runs["multi_out"]
   # Only process 0 writes: one progress line per log step, one metrics file.
   assert out.count(f"done: step {STEPS}") == 1, out
   # Each process holds full copies of the (replicated) state: process 0 checked that both processes'
   # copies are bit-identical after the last step.
   assert "replica check: " in out and "bit-identical on all 2 processes" in out, out
   for step in (3, STEPS):
-    _assert_same_state(runs["ref"], wd, step)
-  assert storage.listdir(storage.join(wd, "checkpoints")) == ["3", "6"]
-  hm = storage.read_json(storage.join(wd, "metrics.json"))["history"]
-  hs = json.load(open(os.path.join(runs["ref"], "metrics.json")))["history"]
-  assert [h["step"] for h in hm] == [h["step"] for h in hs] == [3, STEPS]
-  assert [(h["loss"], h["grad_norm"]) for h in hm] == [(h["loss"], h["grad_norm"]) for h in hs]
+    _assert_same_state(multi, cut, step)
+  assert storage.listdir(storage.join(multi, "checkpoints")) == ["3", "6"]
+  names = set(storage.listdir(cut))
+  assert {"checkpoints", "tb", "metrics.json", "samples.png", f"samples_{STEPS:07d}.png"} <= names, names
+  assert storage.read_bytes(storage.join(cut, "samples.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+  assert any("tfevents" in n for n in storage.listdir(storage.join(cut, "tb")))
+  hm = {h["step"]: h for h in storage.read_json(storage.join(multi, "metrics.json"))["history"]}
+  hc = {h["step"]: h for h in storage.read_json(storage.join(cut, "metrics.json"))["history"]}
+  assert sorted(hm) == [3, STEPS] and sorted(hc) == [STEPS]  # the resumed run logs step 6 (4-6 redone)
+  assert (hc[STEPS]["loss"], hc[STEPS]["grad_norm"]) == (hm[STEPS]["loss"], hm[STEPS]["grad_norm"])
 
 
 def _sample(wd, data_dir, extra=()):
@@ -106,7 +96,7 @@ def _sample(wd, data_dir, extra=()):
 def test_sampling_into_gs_killed_between_a_shard_and_its_marker_gives_the_same_set(runs, gcs):
   from diffusax.sampling import job as job_lib
   ref_out = str(runs["tmp"] / "ref_samples")
-  r = _run(_sample(runs["ref"], runs["data_dir"], [f"--config.sample.output_dir={ref_out}"]), gcs)
+  r = _run(_sample(runs["multi"], runs["data_dir"], [f"--config.sample.output_dir={ref_out}"]), gcs)
   assert r.returncode == 0, r.stderr[-3000:]
   ready = str(runs["tmp"] / "ready_sample")
   p = subprocess.Popen([sys.executable, "-c", _BLOCK_AFTER_SHARD, "5", ready, "torn",
@@ -143,7 +133,3 @@ def test_a_missing_bucket_is_one_line_before_any_work(gcs, tmp_path):
   lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
   assert lines == ["diffusax: error: --workdir=gs://no-such-bucket-x/run cannot be used: the bucket does not "
                    "exist (or is not visible to these credentials)"], r.stderr
-  r = _run(_args("gs://no-such-bucket-x/data", str(tmp_path / "wd")), gcs, timeout=120)
-  assert r.returncode == 2 and "diffusax: error: --config.data.data_dir=gs://no-such-bucket-x/data cannot be " \
-      "read: the bucket does not exist" in r.stderr, r.stderr[-2000:]
-  assert not os.path.exists(tmp_path / "wd")  # refused before anything was written

@@ -271,3 +271,17 @@ def test_an_image_folder_prepared_into_gs_opens_whole(gcs, tmp_path):
     prepare.prepare(str(images), "pets", 16, root, test_fraction=0.3, workers=1)
   with pytest.raises(prepare.PrepareError, match="bucket does not exist"):
     prepare.prepare(str(images), "pets", 16, "gs://no-such-bucket-x/d", test_fraction=0.3, workers=1)
+
+
+def test_main_refuses_a_data_dir_in_a_missing_bucket_before_any_work(gcs, capsys):
+  import ml_collections
+  from diffusax import main
+  c = ml_collections.ConfigDict({"data": {"data_dir": "gs://no-such-bucket-x/data"}})
+  with pytest.raises(SystemExit) as e:
+    main._check_data_dir(c)
+  assert e.value.code == 2
+  assert capsys.readouterr().err.strip() == ("diffusax: error: --config.data.data_dir=gs://no-such-bucket-x/data "
+                                             "cannot be read: the bucket does not exist (or is not visible to "
+                                             "these credentials)")
+  c.data.data_dir = "gs://bkt/empty-prefix"
+  main._check_data_dir(c)  # an existing bucket: fine, even where nothing is prepared yet

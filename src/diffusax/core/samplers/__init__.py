@@ -20,7 +20,8 @@ per-step scalars are tabulated once over max_steps (`driver`), so a new step
 count, guidance scale, eta or churn reuses the compiled program. Network calls
 per sample (NFE) for n steps:
 
-    ddpm, ddim, euler, dpm_solver_pp_2m, flow_euler, euler_maruyama   n
+    ddpm, ddim, euler, dpm_solver_pp_2m, dpm_solver_pp_3m, unipc,
+    flow_euler, euler_maruyama                                        n
     heun, flow_heun                                                   2n - 1
     pc                                                                n (1 + n_corrector)
 """
@@ -31,7 +32,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from diffusax.core import model as model_lib
 from diffusax.core.samplers import ddpm as _ddpm
-from diffusax.core.samplers import dpm_solver, driver, flow, grid, karras, sde
+from diffusax.core.samplers import dpm_solver, driver, flow, grid, karras, sde, unipc
 from diffusax.core.samplers.driver import Sampler, State, run
 from diffusax.core.samplers.model import Bound
 
@@ -41,6 +42,8 @@ METHODS: dict[str, Callable[..., Sampler]] = {
     "euler": karras.euler,
     "heun": karras.heun,
     "dpm_solver_pp_2m": dpm_solver.dpm_solver_pp_2m,
+    "dpm_solver_pp_3m": unipc.dpm_solver_pp_3m,
+    "unipc": unipc.unipc,
     "flow_euler": flow.flow_euler,
     "flow_heun": flow.flow_heun,
     "euler_maruyama": sde.euler_maruyama,
