@@ -4,7 +4,8 @@ One toy2d configuration throughout (tests/test_multiprocess.py's: 6 steps, a che
 devices in all, mesh.ordered_reduction), so the two training runs below must give the same state bit for
 bit, both with --workdir=gs://...:
   * multi: two processes of 2 devices joined on loopback, writing one checkpoint together;
-  * cut: one process of 4 devices, killed (-9) as it is about to save step 6, then resumed;
+  * cut: one process of 4 devices reading through 2 grain workers, a checkpoint every 2 steps, killed
+    (-9) as it is about to save step 4 (the workers must exit with it), then resumed from step 2;
 each checkpoint restored here by one process. Then --mode=sample into the cut run, killed between a
 shard and its completion marker and restarted: the same shards as an uninterrupted job of the multi
 run written to a local folder; and --mode=eval writing its JSON to gs://.
@@ -13,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import numpy as np
@@ -21,7 +23,7 @@ import pytest
 from diffusax import storage
 from test_multiprocess import ROOT, STEPS, _args, _env, _state, _two_processes
 from test_sample_job import _BLOCK_AFTER_SHARD
-from test_train import _BLOCK_AT_SAVE, _kill_when_ready
+from test_train import _BLOCK_AT_SAVE, _children, _kill_when_ready
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="loopback multi-process launch script is for Linux")
 
@@ -39,19 +41,32 @@ def runs(gcs, tmp_path_factory):
   root = f"gs://bkt/{uuid.uuid4().hex[:8]}"
   multi, cut = storage.join(root, "multi"), storage.join(root, "cut")
   out = _two_processes(data_dir, multi)  # the environment (os.environ) points at the emulator
-  ready = str(tmp / "ready")
-  p = subprocess.Popen([sys.executable, "-c", _BLOCK_AT_SAVE, str(STEPS), ready, *_args(data_dir, cut)], cwd=ROOT,
-                       env={**_env(4), **gcs["env"]}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  # The cut run reads through 2 grain worker processes (the batches do not depend on the number of workers),
+  # so the kill -9 also shows that the workers do not outlive their training process.
+  # A checkpoint every 2 steps: killed at the save of step 4, mid-run (the workers stop before the last save).
+  ready, extra = str(tmp / "ready"), ["--config.data.workers=2", "--config.train.ckpt_every=2"]
+  p = subprocess.Popen([sys.executable, "-c", _BLOCK_AT_SAVE, "4", ready, *_args(data_dir, cut), *extra],
+                       cwd=ROOT, env={**_env(4), **gcs["env"]}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    _kill_when_ready(p, ready, f"the save of step {STEPS}")
+    deadline = time.time() + 300
+    while not os.path.exists(ready):
+      assert p.poll() is None and time.time() < deadline, "the child did not reach the save of step 4"
+      time.sleep(0.02)
+    children = _children(p.pid)
+    assert len(children) >= 2, children  # the 2 grain workers (and multiprocessing's resource tracker)
+    _kill_when_ready(p, ready, "the save of step 4")
   finally:
     if p.poll() is None:
       p.kill()
+  deadline = time.time() + 10  # the workers notice within ~1 s that their parent is gone, and exit
+  while any(os.path.exists(f"/proc/{w}") for w in children) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not [w for w in children if os.path.exists(f"/proc/{w}")], "grain workers outlived a kill -9"
   steps = sorted(int(d) for d in storage.listdir(storage.join(cut, "checkpoints")) if d.isdigit())
-  assert steps == [3], steps
-  r = _run(_args(data_dir, cut), gcs)
+  assert steps == [2], steps
+  r = _run([*_args(data_dir, cut), *extra], gcs)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "resumed from step 3" in r.stdout, r.stdout
+  assert "resumed from step 2" in r.stdout, r.stdout
   return {"data_dir": data_dir, "multi": multi, "cut": cut, "multi_out": out, "tmp": tmp}
 
 
@@ -67,25 +82,26 @@ def _assert_same_state(a_wd, b_wd, step):
 def test_two_processes_and_a_killed_one_write_the_same_checkpoints_to_gs(runs):
   """2 processes x 2 devices and 1 process x 4 devices, killed and resumed: the same draws, the same rows
   per device, and (mesh.ordered_reduction) the per-device gradient sums added in device order, so the
-  whole state is bit for bit the same after 3 and 6 steps (checkpoint 3 of the cut run is the one it
-  resumed from)."""
+  whole state is bit for bit the same after 6 steps, and so are the losses and gradient norms logged at
+  steps 3 and 6 (the cut run's from its resumed part)."""
   multi, cut, out = runs["multi"], runs["cut"], runs["multi_out"]
   # Only process 0 writes: one progress line per log step, one metrics file.
   assert out.count(f"done: step {STEPS}") == 1, out
   # Each process holds full copies of the (replicated) state: process 0 checked that both processes'
   # copies are bit-identical after the last step.
   assert "replica check: " in out and "bit-identical on all 2 processes" in out, out
-  for step in (3, STEPS):
-    _assert_same_state(multi, cut, step)
+  _assert_same_state(multi, cut, STEPS)
   assert storage.listdir(storage.join(multi, "checkpoints")) == ["3", "6"]
+  assert storage.listdir(storage.join(cut, "checkpoints")) == ["2", "4", "6"]
   names = set(storage.listdir(cut))
   assert {"checkpoints", "tb", "metrics.json", "samples.png", f"samples_{STEPS:07d}.png"} <= names, names
   assert storage.read_bytes(storage.join(cut, "samples.png"))[:8] == b"\x89PNG\r\n\x1a\n"
   assert any("tfevents" in n for n in storage.listdir(storage.join(cut, "tb")))
   hm = {h["step"]: h for h in storage.read_json(storage.join(multi, "metrics.json"))["history"]}
   hc = {h["step"]: h for h in storage.read_json(storage.join(cut, "metrics.json"))["history"]}
-  assert sorted(hm) == [3, STEPS] and sorted(hc) == [STEPS]  # the resumed run logs step 6 (4-6 redone)
-  assert (hc[STEPS]["loss"], hc[STEPS]["grad_norm"]) == (hm[STEPS]["loss"], hm[STEPS]["grad_norm"])
+  assert sorted(hm) == sorted(hc) == [3, STEPS]  # the resumed run logs steps 3 and 6 (3 and 4 redone)
+  for st in (3, STEPS):
+    assert (hc[st]["loss"], hc[st]["grad_norm"]) == (hm[st]["loss"], hm[st]["grad_norm"])
 
 
 def _sample(wd, data_dir, extra=()):

@@ -322,49 +322,8 @@ def _kill_when_ready(p, ready: str, what: str, timeout: float = 300) -> None:
   assert p.returncode == -signal.SIGKILL
 
 
-def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
-  steps = 80
-  # kill -9 with grain workers alive (EMA snapshots resume bit-identically: the grain resume test)
-  extra = ["--config.train.ckpt_every=20", "--config.data.workers=2"]
-  ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-  r = _main(_toy_args(data_dir, ref, steps, extra))
-  assert r.returncode == 0, r.stderr[-2000:]
-  # Run again, SIGKILL it when it is about to save step 60 (see _BLOCK_AT_SAVE), then restart it.
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  ready = str(tmp_path / "ready")
-  p = subprocess.Popen([sys.executable, "-c", _BLOCK_AT_SAVE, "60", ready, *_toy_args(data_dir, cut, steps, extra)],
-                       cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 300
-    while not os.path.exists(ready):
-      assert p.poll() is None and time.time() < deadline, "the child did not reach the save of step 60"
-      time.sleep(0.02)
-    workers = _children(p.pid)
-    assert len(workers) >= 2, workers  # the 2 grain workers (and multiprocessing's resource tracker)
-    _kill_when_ready(p, ready, "the save of step 60")
-  finally:
-    if p.poll() is None:
-      p.kill()
-  deadline = time.time() + 10  # the workers notice within ~1 s that their parent is gone, and exit
-  while any(os.path.exists(f"/proc/{w}") for w in workers) and time.time() < deadline:
-    time.sleep(0.1)
-  assert not [w for w in workers if os.path.exists(f"/proc/{w}")], "grain workers outlived a kill -9"
-  ck = os.path.join(cut, "checkpoints")
-  assert sorted(int(d) for d in os.listdir(ck) if d.isdigit()) == [20, 40]
-  r = _main(_toy_args(data_dir, cut, steps, extra))
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert "resumed from step 40" in r.stdout
-  a, b = _restore_state(ref, steps), _restore_state(cut, steps)
-  import jax
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(leaves_a) == len(leaves_b) > 0
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  ha = {h["step"]: h for h in json.load(open(os.path.join(ref, "metrics.json")))["history"]}
-  hb = {h["step"]: h for h in json.load(open(os.path.join(cut, "metrics.json")))["history"]}
-  assert sorted(hb) == [50, 60, 70, 80]  # the resumed run's log steps: the redone 41-60 and the rest
-  for s, h in hb.items():
-    assert (h["loss"], h["grad_norm"], h["lr"]) == (ha[s]["loss"], ha[s]["grad_norm"], ha[s]["lr"])
+# kill -9 mid-run with grain workers alive, then resume bit-identically: tests/test_gcs.py (on gs://, the
+# shared storage of a pod; the helpers above are shared with it).
 
 
 @pytest.mark.parametrize("name", ["digits", "digits_small", "digits_iddpm", "toy2d", "cifar10"])
