@@ -18,6 +18,10 @@ G = gmm.standard_mixture()
 SCHED = schedules.VPCosine()
 
 
+def _target(z, t, dt):
+  return distill.progressive_target(G.model(SCHED, "eps"), z, t, dt)
+
+
 def _np_ddim(x0, z, a_t, s_t, a_s, s_s):
   return a_s * x0 + (s_s / s_t) * (z - a_t * x0)
 
@@ -41,8 +45,7 @@ def test_the_student_target_is_the_papers_inversion_of_two_teacher_steps():
   z = a[:, None] * np.asarray(G.sample(jax.random.key(1), n)[0], np.float64) + s[:, None] * rng.standard_normal((n, 2))
   z_end, (a, s, ae, se) = _np_two_steps(z, t, dt)
   want = (z_end - (se / s) * z) / (ae - (se / s) * a)
-  got = distill.progressive_target(G.model(SCHED, "eps"), jnp.asarray(z, jnp.float32), jnp.asarray(t, jnp.float32),
-                                   jnp.asarray(dt, jnp.float32))
+  got = _target(jnp.asarray(z, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(dt, jnp.float32))
   np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-4, rtol=1e-4)
   # The ideal student (x0 = its target) lands on the teacher's two-step result in one DDIM step...
   one = distill.ddim_step(SCHED, got, jnp.asarray(z, jnp.float32), jnp.asarray(t, jnp.float32),
@@ -63,8 +66,7 @@ def test_the_last_student_step_targets_the_teachers_end_point_and_weights_trunca
   a, s = references.np_vp_cosine(t)
   z = a[:, None] * np.asarray(G.sample(jax.random.key(2), n)[0], np.float64) + s[:, None] * rng.standard_normal((n, 2))
   z_end, _ = _np_two_steps(z, t, dt)
-  got = distill.progressive_target(G.model(SCHED, "eps"), jnp.asarray(z, jnp.float32), jnp.asarray(t, jnp.float32),
-                                   jnp.asarray(dt, jnp.float32))
+  got = _target(jnp.asarray(z, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(dt, jnp.float32))
   np.testing.assert_allclose(np.asarray(got, np.float64), z_end, atol=2e-4, rtol=1e-4)
   tt = np.array([0.1, 0.5, 0.9])
   a, s = references.np_vp_cosine(tt)

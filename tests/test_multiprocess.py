@@ -1,15 +1,14 @@
-"""Two processes joined by jax.distributed on loopback (gloo) against one process on the same global batch.
+"""Two processes joined by jax.distributed on loopback (gloo): the shared helpers, and the launcher's port.
 
 launch/local_multiprocess.sh starts 2 processes with 2 fake CPU devices each; the
 reference is one process with 4 devices. Same config, same global batch of 64,
 each process reading its own half of every batch, gradients added in device
-order (mesh.ordered_reduction), so the two runs must agree bit for bit: that test
-is tests/test_gcs.py::test_two_processes_write_one_checkpoint_to_gs, where the
-two processes write their checkpoint to gs:// (the shared storage of a pod) and
-share the reference run with the other gs:// tests. Here: the negative control
-(without the option, an all-reduce whose summation order depends on the
-topology, the same pair of runs, writing to a local folder, differs) and the
-launcher's port.
+order (mesh.ordered_reduction), so the two runs must agree bit for bit. Those
+tests are in tests/test_gcs.py, where the runs write their checkpoints to gs://
+(the shared storage of a pod) and share their training runs: the equality (with
+a kill -9 and resume of the one-process run) and the negative control (without
+the option, an all-reduce whose summation order depends on the topology, the
+two-process run differs from the ordered result).
 """
 import errno
 import os
@@ -17,7 +16,6 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,12 +55,6 @@ def _two_processes(data_dir, wd, ordered=True, steps=STEPS) -> str:
   return out
 
 
-def _one_process(data_dir, wd, ordered=True, steps=STEPS) -> None:
-  r = subprocess.run([sys.executable, "-m", "diffusax.main", *_args(data_dir, wd, ordered, steps)], cwd=ROOT,
-                     env=_env(4), capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-
-
 def _state(wd, step):
   """The saved arrays, restored onto this process' first device whatever topology wrote them."""
   import jax
@@ -73,30 +65,6 @@ def _state(wd, step):
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
                         ckptr.metadata(path).item_metadata)
   return jax.tree.leaves(ckptr.restore(path, target))
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="loopback multi-process launch script is for Linux")
-def test_without_ordered_reduction_the_topologies_differ(tmp_path):
-  """The negative control the README promises: the same two runs (3 steps) with an all-reduce."""
-  data_dir = str(tmp_path / "tfds")
-  multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
-  _two_processes(data_dir, multi, ordered=False, steps=3)
-  _one_process(data_dir, single, ordered=False, steps=3)
-  a, b = _state(multi, 3), _state(single, 3)
-  assert len(a) == len(b) > 0
-  differ, total, worst = 0, 0, 0.0
-  for x, y in zip(a, b):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape
-    total += x.size
-    if np.issubdtype(x.dtype, np.floating):
-      differ += int(np.sum(x != y))
-      scale = max(float(np.max(np.abs(y))), 1e-30)
-      worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y))) / scale)
-  print(f"\nwithout mesh.ordered_reduction: {differ} of {total} values differ after 3 steps "
-        f"(largest difference {worst:.1e} of the array's scale)")
-  assert differ > 0, "the all-reduce gave bit-identical states: the ordered reduction's test proves nothing"
-  assert worst < 1e-4, "the runs differ by more than summation order can explain"
 
 
 def test_the_launchers_port_cannot_be_taken_while_reserved():
