@@ -104,10 +104,6 @@ def exists(p: Any) -> bool:
   return _fresh(p).exists()
 
 
-def isdir(p: Any) -> bool:
-  return _fresh(p).is_dir()
-
-
 def isfile(p: Any) -> bool:
   q = _fresh(p)
   return q.exists() and not q.is_dir()
@@ -148,10 +144,6 @@ def read_text(p: Any) -> str:
 
 def read_json(p: Any) -> Any:
   return json.loads(read_text(p))
-
-
-def open(p: Any, mode: str = "rb"):  # noqa: A001 - the module's open, like io.open.
-  return path(p).open(mode)
 
 
 def write_bytes(p: Any, data: bytes) -> None:

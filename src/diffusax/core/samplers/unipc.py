@@ -33,9 +33,9 @@ from diffusax.core.samplers import driver, grid
 from diffusax.core.samplers.model import Bound
 
 
-def _lams(m: Bound, t_at, lv, i, n, back: int) -> list:
-  """lambda = logSNR / 2 at grid points i - 1, ..., i - back (clamped at 0)."""
-  return [0.5 * grid.levels(m.schedule, t_at, jnp.maximum(i - k, 0), n).log_snr for k in range(1, back + 1)]
+def _earlier(m: Bound, t_at, i, n, back: int) -> list:
+  """The grid.Levels of points i - 1, ..., i - back (clamped at 0)."""
+  return [grid.levels(m.schedule, t_at, jnp.maximum(i - k, 0), n) for k in range(1, back + 1)]
 
 
 def dpm_solver_pp_3m(m: Bound, *, spacing: str = "log_snr", t_min=None, t_max=None):
@@ -43,7 +43,7 @@ def dpm_solver_pp_3m(m: Bound, *, spacing: str = "log_snr", t_min=None, t_max=No
 
   def plan(lv, i, n):
     lam, lam_next = 0.5 * lv.log_snr, 0.5 * jnp.where(lv.last, lv.log_snr, lv.log_snr_next)
-    lam1, lam2 = _lams(m, t_at, lv, i, n, 2)
+    lam1, lam2 = (0.5 * e.log_snr for e in _earlier(m, t_at, i, n, 2))
     h = jnp.where(lv.last, 1.0, lam_next - lam)
     r0, r1 = (lam - lam1) / h, (lam1 - lam2) / h
     p = jnp.minimum(3, i + 1)
@@ -145,7 +145,8 @@ def unipc(m: Bound, *, order: int = 2, corrector: bool = True, spacing: str = "l
 
   def plan(lv, i, n):
     lam, lam_next = 0.5 * lv.log_snr, 0.5 * jnp.where(lv.last, lv.log_snr, lv.log_snr_next)
-    back = _lams(m, t_at, lv, i, n, order)  # lambda_{i-1}, ..., lambda_{i-order}
+    prev = _earlier(m, t_at, i, n, order)
+    back = [0.5 * e.log_snr for e in prev]  # lambda_{i-1}, ..., lambda_{i-order}
     # Predictor from i to i + 1 (order p_i): earlier points i - 1, i - 2.
     h = jnp.where(lv.last, 1.0, lam_next - lam)
     rks = [(lb - lam) / h for lb in back[:order - 1]]
@@ -157,12 +158,11 @@ def unipc(m: Bound, *, order: int = 2, corrector: bool = True, spacing: str = "l
     # Corrector of x_i (from x_{i-1}, order p_{i-1}), with m_i: earlier points i - 2, ..., from i - 1.
     use = i > 0
     hc = jnp.where(use, lam - back[0], 1.0)
-    lv_prev = grid.levels(m.schedule, t_at, jnp.maximum(i - 1, 0), n)
     rkc = [(lb - back[0]) / hc for lb in back[1:order]]
     q = jnp.where(use, orders(i - 1, n), 1)
     corr = select(q, [pad(*_coefficients(hc, [jnp.where(q > j, r, -1.0) for j, r in enumerate(rkc, 1)],
                                          lv.alpha, qq, True)) for qq in range(1, order + 1)])
-    out.update(use_c=use, cc_x=lv.sigma / lv_prev.sigma, c0=corr[0], c_new=corr[-1],
+    out.update(use_c=use, cc_x=lv.sigma / prev[0].sigma, c0=corr[0], c_new=corr[-1],
                c_earlier=jnp.stack(corr[1:-1]) if order > 1 else jnp.zeros((0,)))
     return out
 
