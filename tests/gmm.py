@@ -140,11 +140,12 @@ class GMM:
     return log_prob
 
   # -- the exact probability-flow ODE ------------------------------------------
-  def ode_reference(self, x_T, s_max, s_min, alpha_max=1.0, steps=2000, label=None):
+  def ode_reference(self, x_T, s_max, s_min, alpha_max=1.0, steps=2000, label=None, denoise_end=True):
     """Float64 PF-ODE solution from x_T at EDM sigma s_max to s_min, then D(., s_min).
 
     x_T is in the schedule's own space (x_t = alpha x0 + sigma eps, alpha = alpha_max).
-    Returns x0 [B, d] as the samplers define it: the posterior mean at the last level.
+    Returns x0 [B, d] as the samplers define it: the posterior mean at the last level; with
+    denoise_end=False the ODE's own end point x / alpha at s_min (the consistency function's value).
     """
     xs = np.asarray(x_T, np.float64) / alpha_max
     f = lambda x, logs: x - self.posterior_mean(x, 1.0, math.exp(logs), label)
@@ -156,7 +157,7 @@ class GMM:
       k3 = f(xs + 0.5 * h * k2, u0 + 0.5 * h)
       k4 = f(xs + h * k3, u1)
       xs = xs + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return self.posterior_mean(xs, 1.0, s_min, label)
+    return self.posterior_mean(xs, 1.0, s_min, label) if denoise_end else xs
 
 
   def flow_reference(self, x_T, t_max=1.0, t_min=1e-6, steps=2000, label=None):

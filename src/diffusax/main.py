@@ -3,7 +3,8 @@
     python -m diffusax.main --config=configs/digits.py --workdir=runs/digits [--config.train.num_steps=100 ...]
 
 Modes (--mode): `train` (default; resumes when the workdir has a checkpoint), `sample`,
-`eval`, `phema` and `phema_sweep` (post-hoc EMA; programs/phema.py). Flags and
+`eval`, `phema` and `phema_sweep` (post-hoc EMA; programs/phema.py), `distill` (few-step
+students of a trained model; programs/distill.py). Flags and
 config errors are reported on one line (what was wrong, what is allowed) with
 exit status 2, before any device work.
 """
@@ -22,10 +23,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config(); "
                                 "override keys with --config.KEY=VALUE.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and metrics.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "phema", "phema_sweep"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "phema", "phema_sweep", "distill"],
                   "train; sample (resumable sample shards from a checkpoint); eval (metrics JSON of a checkpoint); "
                   "phema (post-hoc EMA of ema.target_sigma_rel from the EMA snapshots, written as a checkpoint); "
-                  "phema_sweep (evaluate post-hoc EMAs over ema.sweep: JSON and a PNG curve).")
+                  "phema_sweep (evaluate post-hoc EMAs over ema.sweep: JSON and a PNG curve); "
+                  "distill (progressive or consistency distillation of distill.teacher_workdir's model).")
 
 # XLA:CPU flag that sends convolutions and dots to Eigen instead of the default YNN fusions:
 # measured ~2x faster U-Net train steps on a 2-core AVX2 machine (see benchmarks/README.md).
@@ -221,6 +223,9 @@ def main(argv) -> None:
     elif FLAGS.mode == "phema":
       from diffusax.programs import phema
       phema.run(s, FLAGS.workdir)
+    elif FLAGS.mode == "distill":
+      from diffusax.programs import distill
+      distill.run(s, FLAGS.workdir)
     elif FLAGS.mode == "phema_sweep":
       from diffusax.programs import evaluate, phema
       phema.sweep(s, FLAGS.workdir, evaluate.Evaluator)

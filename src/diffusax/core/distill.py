@@ -65,3 +65,83 @@ def progressive_loss(schedule, student_x0, target, t):
   """Per-example loss [B]: max(SNR, 1) * mean over features of (x0_student - x~)^2."""
   err = jnp.mean(jnp.reshape((student_x0 - target) ** 2, (student_x0.shape[0], -1)), axis=1)
   return truncated_snr_weight(schedule, t) * err
+
+
+# --- Consistency distillation (Song et al. 2023) -------------------------------------------------
+#
+# A consistency function f(x_t, t) maps every point of a probability-flow ODE trajectory to its
+# end at the boundary time t_min. It is built from a denoiser's x0 prediction D(x_t, t) as
+#
+#     f(x_t, t) = c_skip(t) x_t + (1 - c_skip(t)) D(x_t, t),
+#     c_skip(t) = sigma_data^2 / ((s(t) - s(t_min))^2 + sigma_data^2),   s = sigma / alpha,
+#
+# the skip weight of the paper's appendix C (EDM's, with its boundary shifted to t_min) in the
+# EDM noise level s of the VP/VE process, so f(x, t_min) = x exactly and a student initialised
+# from its teacher starts at the teacher's denoiser away from t_min. Consistency distillation
+# draws n on a grid t_min = t_0 < ... < t_{N-1} = t_max (the Karras grid, `karras_times`), noises
+# x to x_{t_{n+1}}, takes one teacher ODE step to t_n (`teacher_ode_step`: DDIM, which is Euler in
+# (x / alpha, s), or Heun in the same variables), and regresses f_theta(x_{t_{n+1}}, t_{n+1}) onto
+# the target network's f_theta-(x_hat_{t_n}, t_n) (an EMA of theta, no gradient).
+
+
+def consistency_skip(schedule, t, t_min, sigma_data: float = 0.5):
+  """c_skip(t) [B] (see above); c_out = 1 - c_skip."""
+  s, s0 = schedule.edm_sigma(jnp.asarray(t, jnp.float32)), schedule.edm_sigma(jnp.asarray(t_min, jnp.float32))
+  return sigma_data ** 2 / ((s - s0) ** 2 + sigma_data ** 2)
+
+
+def consistency_fn(model, x_t, t, cond: Any = None, *, t_min, sigma_data: float = 0.5):
+  """f(x_t, t) [B, ...]: the consistency function built from `model`'s x0 prediction (a `core.Model`)."""
+  model_lib.check(model)
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
+  c = _b(consistency_skip(model.schedule, t, t_min, sigma_data), x_t)
+  return c * x_t + (1.0 - c) * model.predict(x_t, t, cond).x0
+
+
+TEACHER_SOLVERS = ("ddim", "heun")
+
+
+def teacher_ode_step(teacher, x_t, t, s, cond: Any = None, solver: str = "ddim"):
+  """One probability-flow ODE step of `teacher` from t to s < t (both [B]), s > 0 or s = 0 for DDIM.
+
+  In y = x / alpha and the EDM level k = sigma / alpha the ODE is dy/dk = (y - D) / k
+  (Karras et al. 2022, eq. 3 with s(t) = alpha); "ddim" is its Euler step, which is DDIM exactly,
+  "heun" adds the trapezoidal correction (two teacher calls). No gradient flows into the teacher."""
+  if solver not in TEACHER_SOLVERS:
+    raise ValueError(f"unknown teacher solver {solver!r}; allowed: {list(TEACHER_SOLVERS)}")
+  sch = teacher.schedule
+  x0_a = teacher.predict(x_t, t, cond).x0
+  x_s = ddim_step(sch, x0_a, x_t, t, s)
+  if solver == "heun":
+    a_t, a_s = _b(sch.alpha(t), x_t), _b(sch.alpha(s), x_t)
+    k_t, k_s = _b(sch.edm_sigma(t), x_t), _b(sch.edm_sigma(s), x_t)
+    y_t, y_s = x_t / a_t, x_s / a_s
+    d_a = (y_t - x0_a) / k_t
+    d_b = (y_s - teacher.predict(x_s, s, cond).x0) / k_s
+    x_s = a_s * (y_t + (k_s - k_t) * 0.5 * (d_a + d_b))
+  return jax.lax.stop_gradient(x_s)
+
+
+def karras_time(schedule, j, n, t_min: float, t_max: float, rho: float = 7.0):
+  """Time j of the n times t_0 = t_min < ... < t_{n-1} = t_max uniform in s^(1/rho) (Karras et al. 2022,
+  eq. 5, ascending), s = sigma / alpha: float32 of j's shape; j and n may be traced."""
+  s_lo = schedule.edm_sigma(jnp.float32(t_min)) ** (1.0 / rho)
+  s_hi = schedule.edm_sigma(jnp.float32(t_max)) ** (1.0 / rho)
+  frac = jnp.asarray(j, jnp.float32) / jnp.maximum(jnp.asarray(n, jnp.float32) - 1.0, 1.0)
+  return schedule.t_from_edm_sigma((s_lo + frac * (s_hi - s_lo)) ** rho)
+
+
+CONSISTENCY_METRICS = ("l2", "pseudo_huber")
+
+
+def consistency_loss(pred, target, metric: str = "l2", c: float | None = None):
+  """Per-example distance [B]: "l2" mean squared error over features; "pseudo_huber"
+  sqrt(||d||^2 / D + c^2) - c with d over the D features (Song & Dhariwal 2023 use c = 0.00054 sqrt(D)
+  on the summed norm; on the mean it is c = 0.00054, the default)."""
+  if metric not in CONSISTENCY_METRICS:
+    raise ValueError(f"unknown consistency metric {metric!r}; allowed: {list(CONSISTENCY_METRICS)}")
+  msq = jnp.mean(jnp.reshape((pred - target) ** 2, (pred.shape[0], -1)), axis=1)
+  if metric == "l2":
+    return msq
+  c = 0.00054 if c is None else c
+  return msq / (jnp.sqrt(msq + c * c) + c)  # = sqrt(msq + c^2) - c without its cancellation near 0

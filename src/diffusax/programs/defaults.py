@@ -153,6 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.guidance_scale = 1.0      # CFG scale w (0: conditional only; guided = cond + w (cond - uncond)).
   c.sample.per_class = 10            # Grid columns per class row (conditional); grid side otherwise.
   c.sample.eta = 0.0                 # DDIM eta.
+  c.sample.spacing = ""              # The sampler's time grid (core.samplers.grid.SPACINGS; "" = the method's
+                                     # default); "trailing" for distilled students (t_i = t_max (1 - i / n)).
+  c.sample.order = 0                 # UniPC's order (1-3; 0 = its default, 2).
   c.sample.num_samples = 1000        # --mode=sample: samples to generate (global indices 0..N-1).
   c.sample.shard_size = 256          # --mode=sample: samples per .npz shard (= one batch over all devices).
   c.sample.labels = ()               # --mode=sample: labels cycled over indices; () = balanced (i mod classes).
@@ -180,6 +183,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.ode_solver = "heun"         # PF-ODE solver: euler, heun or rk4.
   c.eval.hutchinson = "rademacher"   # Divergence: rademacher or gaussian (Hutchinson), or exact (small data).
   c.eval.t_min = 1e-3                # Smallest time of the VLB grid and the ODE.
+
+  c.distill = ml_collections.ConfigDict()  # --mode=distill (programs/distill.py); the model is the teacher's.
+  c.distill.kind = "progressive"     # "progressive" (Salimans & Ho 2022) or "consistency" (Song et al. 2023).
+  c.distill.teacher_workdir = ""     # The teacher's run directory (its first EMA is the teacher).
+  c.distill.teacher_step = -1        # The teacher's checkpoint step (-1: its latest).
+  c.distill.teacher_steps = 64       # progressive: the teacher's DDIM steps; round r's student takes
+                                     # teacher_steps / 2^(r+1).
+  c.distill.student_steps = 1        # progressive: the last round's student steps (a power-of-2 divisor).
+  c.distill.steps_per_round = 1000   # Optimizer steps per round (consistency: in all).
+  c.distill.reset_optimizer = True   # progressive: a fresh optimizer (and learning-rate schedule) per round.
+  c.distill.num_levels = 18          # consistency: N, the Karras grid of noise levels (t_min .. t_max).
+  c.distill.teacher_solver = "heun"  # consistency: the teacher's ODE step, "ddim" (Euler) or "heun".
+  c.distill.metric = "l2"            # consistency: "l2" or "pseudo_huber".
+  c.distill.target_decay = 0.95      # consistency: EMA decay of the target network theta^-.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)             # (data, fsdp) device mesh over all processes' devices; one -1 takes

@@ -99,11 +99,40 @@ class SampleSettings:
   guide_step: int = -1
   guidance_interval: tuple = (0.0, 1.0)
   clip_x0: float = 0.0
+  spacing: str = ""
+  order: int = 0
 
   @property
   def interval(self) -> tuple | None:
     """The guidance interval, or None when it is all of [0, 1] (no masking traced)."""
     return None if tuple(self.guidance_interval) == (0.0, 1.0) else tuple(self.guidance_interval)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+  """--mode=distill (programs/distill.py); see programs/defaults.py for each field."""
+  kind: str = "progressive"
+  teacher_workdir: str = ""
+  teacher_step: int = -1
+  teacher_steps: int = 64
+  student_steps: int = 1
+  steps_per_round: int = 1000
+  reset_optimizer: bool = True
+  num_levels: int = 18
+  teacher_solver: str = "heun"
+  metric: str = "l2"
+  target_decay: float = 0.95
+
+  @property
+  def rounds(self) -> tuple:
+    """The student step count of each round: (teacher_steps / 2, ..., student_steps), or (num_levels,)."""
+    if self.kind == "consistency":
+      return (self.num_levels,)
+    out, n = [], self.teacher_steps
+    while n > self.student_steps:
+      n //= 2
+      out.append(n)
+    return tuple(out)
 
 
 SWEEP_DEFAULT = (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.18, 0.21, 0.25)
@@ -165,6 +194,7 @@ class Settings:
   mesh_ordered_reduction: bool = False
   ema: EmaSettings = EmaSettings()
   learn_endpoints: bool = False  # a learned schedule's gamma_0 and gamma_1 are trained too
+  distill: DistillSettings = DistillSettings()
 
   @property
   def num_ema(self) -> int:
@@ -279,7 +309,7 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
                           checkpoint_step=int(c.sample.checkpoint_step), output_dir=str(c.sample.output_dir),
                           guide_workdir=str(c.sample.guide_workdir), guide_step=int(c.sample.guide_step),
                           guidance_interval=_parse_interval(c.sample.guidance_interval),
-                          clip_x0=_clip(c.sample.clip_x0))
+                          clip_x0=_clip(c.sample.clip_x0), **_parse_grid(c.sample))
   ev = _parse_eval(c)
   return Settings(
       seed=int(c.seed),
@@ -289,7 +319,7 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       class_conditional=bool(c.model.class_conditional), optim=optim, ema_decays=decays,
       ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape),
       mesh_strategy=c.mesh.strategy, eval=ev, mesh_ordered_reduction=bool(c.mesh.ordered_reduction),
-      ema=_parse_ema(c), learn_endpoints=bool(c.diffusion.learn_endpoints))
+      ema=_parse_ema(c), learn_endpoints=bool(c.diffusion.learn_endpoints), distill=_parse_distill(c))
 
 
 def _check_vdm(c, loss: LossConfig) -> None:
@@ -324,6 +354,50 @@ def _check_vdm(c, loss: LossConfig) -> None:
                       f"diffusion.weighting='uniform', got {loss.weighting!r}")
   if c.mesh.ordered_reduction:
     raise ConfigError("diffusion.objective='vdm' does not support mesh.ordered_reduction=True")
+
+
+def _parse_distill(c) -> DistillSettings:
+  d = c.distill
+  kinds = ("progressive", "consistency")
+  if d.kind not in kinds:
+    raise ConfigError(f"unknown distill.kind {d.kind!r}; allowed: {list(kinds)}")
+  if d.teacher_solver not in ("ddim", "heun"):
+    raise ConfigError(f"distill.teacher_solver must be 'ddim' or 'heun', got {d.teacher_solver!r}")
+  if d.metric not in ("l2", "pseudo_huber"):
+    raise ConfigError(f"distill.metric must be 'l2' or 'pseudo_huber', got {d.metric!r}")
+  if not 0.0 <= float(d.target_decay) < 1.0:
+    raise ConfigError(f"distill.target_decay must lie in [0, 1), got {d.target_decay!r}")
+  teacher, student = _positive("distill.teacher_steps", d.teacher_steps), _positive("distill.student_steps", d.student_steps)
+  if d.kind == "progressive" and (teacher <= student or teacher % student or (teacher // student) & (teacher // student - 1)):
+    raise ConfigError(f"distill.teacher_steps={teacher} must be distill.student_steps={student} times a power of 2 "
+                      "(>= 2): each round halves the step count")
+  levels = _positive("distill.num_levels", d.num_levels)
+  if levels < 2:
+    raise ConfigError(f"distill.num_levels must be >= 2 (the Karras grid's noise levels), got {levels}")
+  return DistillSettings(kind=d.kind, teacher_workdir=str(d.teacher_workdir), teacher_step=int(d.teacher_step),
+                         teacher_steps=teacher, student_steps=student,
+                         steps_per_round=_positive("distill.steps_per_round", d.steps_per_round),
+                         reset_optimizer=bool(d.reset_optimizer), num_levels=levels,
+                         teacher_solver=d.teacher_solver, metric=d.metric, target_decay=float(d.target_decay))
+
+
+def _parse_grid(c) -> dict:
+  """sample.spacing and sample.order, checked against the method's options."""
+  from diffusax.core import samplers
+  allowed = samplers.options_of(c.method)
+  spacing, order = str(c.spacing), c.order
+  if spacing and spacing not in samplers.grid.SPACINGS:
+    raise ConfigError(f"unknown sample.spacing {spacing!r}; allowed: {list(samplers.grid.SPACINGS)} or '' (the "
+                      "method's default)")
+  if spacing and "spacing" not in allowed:
+    raise ConfigError(f"sample.method {c.method!r} has no spacing option; set sample.spacing=''")
+  if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+    raise ConfigError(f"sample.order must be a non-negative integer, got {order!r}")
+  if order and "order" not in allowed:
+    raise ConfigError(f"sample.order={order}: sample.method {c.method!r} has no order (UniPC has); set sample.order=0")
+  if order and not 1 <= order <= 3:
+    raise ConfigError(f"sample.order={order}: UniPC's order is 1, 2 or 3")
+  return {"spacing": spacing, "order": int(order)}
 
 
 def _clip(v) -> float:

@@ -3,6 +3,7 @@
     ModelSetup / model_setup(s, devices)   dataset description, mesh, network, abstract params, shardings
     build_module(s, num_classes)           the Linen network of the settings
     open_checkpointer(u, workdir)          WORKDIR/checkpoints
+    state_shardings / to_global            a TrainState's shardings; this process' rows -> global arrays
     open_snapshots(u, workdir)             WORKDIR/ema_snapshots (power-function EMA snapshots, all kept)
     EmaOnlyState                           what --mode=phema writes: one EMA of parameters, no optimizer
     restore_ema(u, workdir, step)          the first EMA's params only (no optimizer, no training data)
@@ -35,11 +36,14 @@ from diffusax.programs import settings as settings_lib
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
 from diffusax.sampling import job as job_lib
+from diffusax.training import state as state_lib
 
 # The state subtree sampling and evaluation use: state.ema_params[0], the first EMA.
 EMA_PART = ("ema_params", 0)
 SNAPSHOT_DIR = "ema_snapshots"
 PHEMA_KIND = "phema"  # meta["kind"] of a checkpoint that holds reconstructed EMA parameters only.
+DISTILL_KIND = "distill"      # meta["kind"] of a distillation's student TrainState (--mode=distill).
+DISTILLED_KIND = "distilled"  # meta["kind"] of a finished round's student EMA (EmaOnlyState).
 
 
 @jax.tree_util.register_dataclass
@@ -184,6 +188,22 @@ def model_setup(s: Settings, devices=None, data: registry.Description | None = N
                     sharding_summary=mesh_lib.sharding_summary(mesh_lib.placements(boxed, mesh), mesh))
 
 
+def state_shardings(abstract_state, param_sh, mesh):
+  """Shardings for a TrainState: params/EMA/optimizer moments follow the params, the rest replicated."""
+  ptd = jax.tree.structure(param_sh)
+  rep = mesh_lib.replicated(mesh)
+  is_params = lambda x: jax.tree.structure(x) == ptd
+  opt = jax.tree.map(lambda x: param_sh if is_params(x) else rep, abstract_state.opt_state, is_leaf=is_params)
+  return state_lib.TrainState(step=rep, params=param_sh, ema_params=tuple(param_sh for _ in abstract_state.ema_params),
+                              opt_state=opt, rng=rep, aux=jax.tree.map(lambda _: rep, abstract_state.aux))
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """This process' rows -> global arrays sharded over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, v.ndim), v)
+          for k, v in batch.items()}
+
+
 def open_checkpointer(u: ModelSetup, workdir: str, logger: Logger | None = None) -> ckpt_lib.Checkpointer:
   s = u.s
   return ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
@@ -311,13 +331,15 @@ def job_spec(u: ModelSetup, step: int, num_samples: int | None = None,
                          eta=s.sample.eta, guidance_scale=s.sample.guidance_scale, labels=tuple(s.sample.labels),
                          num_classes=ncls, checkpoint_step=step, sample_shape=tuple(u.sample_shape),
                          guide=guide.tag if guide is not None else "",
-                         guidance_interval=tuple(s.sample.guidance_interval), clip_x0=s.sample.clip_x0)
+                         guidance_interval=tuple(s.sample.guidance_interval), clip_x0=s.sample.clip_x0,
+                         spacing=s.sample.spacing, order=s.sample.order)
 
 
 def default_out_dir(workdir: str, spec: job_lib.JobSpec) -> str:
   guided = f"_auto{spec.guide.rsplit('@', 1)[1]}" if spec.guide else ""
   interval = "" if tuple(spec.guidance_interval) == (0.0, 1.0) else "_t{:g}-{:g}".format(*spec.guidance_interval)
   clip = f"_clip{spec.clip_x0:g}" if spec.clip_x0 else ""
+  clip += (f"_{spec.spacing}" if spec.spacing else "") + (f"_order{spec.order}" if spec.order else "")
   return storage.join(workdir, "samples", f"step{spec.checkpoint_step}_{spec.method}{spec.num_steps}"
                       f"_w{spec.guidance_scale:g}{guided}{interval}{clip}_seed{spec.seed}")
 

@@ -40,7 +40,8 @@ from diffusax.programs import settings as settings_lib
 from diffusax.programs import setup as setup_lib
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
-from diffusax.programs.setup import ModelSetup, TraceCounts, open_checkpointer  # noqa: F401 - part of this API
+from diffusax.programs.setup import (ModelSetup, TraceCounts, open_checkpointer, state_shardings,  # noqa: F401
+                                     to_global)  # (re-exported: part of this module's API)
 from diffusax.sampling import generate
 from diffusax.training import optimizer as optim_lib
 from diffusax.training import preemption
@@ -62,16 +63,6 @@ class Setup(ModelSetup):
   state_shardings: Any = None
   traces: TraceCounts = dataclasses.field(default_factory=TraceCounts)
   init_fn: Any = None
-
-
-def state_shardings(abstract_state, param_sh, mesh):
-  """Shardings for a TrainState: params/EMA/optimizer moments follow the params, the rest replicated."""
-  ptd = jax.tree.structure(param_sh)
-  rep = mesh_lib.replicated(mesh)
-  is_params = lambda x: jax.tree.structure(x) == ptd
-  opt = jax.tree.map(lambda x: param_sh if is_params(x) else rep, abstract_state.opt_state, is_leaf=is_params)
-  return state_lib.TrainState(step=rep, params=param_sh, ema_params=tuple(param_sh for _ in abstract_state.ema_params),
-                              opt_state=opt, rng=rep, aux=jax.tree.map(lambda _: rep, abstract_state.aux))
 
 
 def setup(s: Settings, devices=None, traces: TraceCounts | None = None) -> Setup:
@@ -170,12 +161,6 @@ def make_iterator(u: Setup, seed_offset: int = 0, source=None, *, train: bool = 
                          workers=s.data.workers if train else 0, prefetch=s.data.prefetch if train else 0)
 
 
-def to_global(batch: dict, mesh) -> dict:
-  """This process' rows -> global arrays sharded over (data, fsdp)."""
-  return {k: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, v.ndim), v)
-          for k, v in batch.items()}
-
-
 def write_samples(u: Setup, params, step: int, workdir: str, logger: Logger, gen=None) -> str:
   """Generates the sample grid with EMA params and writes it as PNG."""
   s = u.s
@@ -204,7 +189,8 @@ def write_samples(u: Setup, params, step: int, workdir: str, logger: Logger, gen
 
 def make_generator(u: Setup):
   s = u.s
-  spec = generate.SamplerSpec(s.sample.method, s.sample.num_steps, s.sample.eta, s.sample.clip_x0)
+  spec = generate.SamplerSpec(s.sample.method, s.sample.num_steps, s.sample.eta, s.sample.clip_x0,
+                              s.sample.spacing, s.sample.order)
   return generate.make_generate(u.module, u.schedule, s.loss.target, spec,
                                 null_class=s.loss.null_class, sample_shape=u.sample_shape)
 
@@ -360,9 +346,14 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
   it = make_iterator(u)
   abstract = ckpt_lib.abstract_like(u.abstract_state, u.state_shardings)
   latest = ckpt.latest_step()
-  if latest is not None and ckpt.read_meta(latest).get("kind") == setup_lib.PHEMA_KIND:
-    raise ConfigError(f"{ckpt.directory} holds post-hoc EMA parameters written by --mode=phema (no optimizer "
-                      "state): sample or evaluate them, or train in another --workdir")
+  kind = ckpt.read_meta(latest).get("kind") if latest is not None else None
+  if kind in (setup_lib.PHEMA_KIND, setup_lib.DISTILLED_KIND):
+    raise ConfigError(f"{ckpt.directory} holds {'post-hoc EMA' if kind == setup_lib.PHEMA_KIND else 'distilled'} "
+                      f"parameters written by --mode={'phema' if kind == setup_lib.PHEMA_KIND else 'distill'} (no "
+                      "optimizer state): sample or evaluate them, or train in another --workdir")
+  if kind == setup_lib.DISTILL_KIND:
+    raise ConfigError(f"{ckpt.directory} holds a distillation's student: resume it with --mode=distill, sample or "
+                      "evaluate it, or train in another --workdir")
   snapshot = _snapshot_writer(u, snaps, logger)
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(abstract, u.signature, fallback=s.train.ckpt_fallback)

@@ -27,6 +27,19 @@ class SamplerSpec:
   num_steps: int
   eta: float = 0.0
   clip_x0: float = 0.0  # > 0: clip x0_hat to [-clip_x0, clip_x0] at every step (0: off)
+  spacing: str = ""     # grid spacing ("" = the method's default)
+  order: int = 0        # UniPC's order (0 = its default)
+
+
+def sampler_options(method: str, eta: float = 0.0, spacing: str = "", order: int = 0) -> dict:
+  """The method options given by a sampler setting: eta where the method has it, spacing and order when set."""
+  allowed = samplers.options_of(method)
+  options = {"eta": eta} if "eta" in allowed else {}
+  if spacing:
+    options["spacing"] = spacing
+  if order:
+    options["order"] = order
+  return options
 
 
 def initial_noise(key, indices, shape, prior_std):
@@ -40,7 +53,7 @@ def make_generate(module, schedule, target: str, spec: SamplerSpec, *, null_clas
   """Returns jitted gen(params, indices [N], labels [N] | None, scale, key) -> samples [N, *shape] float32."""
   from diffusax.nn import bridge  # The only place this layer touches Flax.
 
-  options = {"eta": spec.eta} if "eta" in samplers.options_of(spec.method) else {}
+  options = sampler_options(spec.method, spec.eta, spec.spacing, spec.order)
 
   def gen(params, indices, labels, scale, key):
     model = bridge.model(module, {"params": params}, target, schedule)

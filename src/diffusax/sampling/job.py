@@ -68,14 +68,17 @@ class JobSpec:
   guide: str = ""                 # autoguidance: "<guide workdir>@<step>"; "" = CFG (or none)
   guidance_interval: tuple = (0.0, 1.0)
   clip_x0: float = 0.0            # > 0: x0_hat clipped to [-clip_x0, clip_x0] at every step
+  spacing: str = ""               # the sampler's grid spacing ("" = the method's default)
+  order: int = 0                  # UniPC's order (0 = its default)
 
   @property
   def num_shards(self) -> int:
     return -(-self.num_samples // self.shard_size)
 
   def sampler_options(self) -> dict:
-    """The method options of the job's sampler (`samplers.options_of`): eta where the method has it."""
-    return {"eta": self.eta} if "eta" in samplers.options_of(self.method) else {}
+    """The method options of the job's sampler (`samplers.options_of`): eta where the method has it,
+    spacing and order when set."""
+    return generate.sampler_options(self.method, self.eta, self.spacing, self.order)
 
   def per_sample_keys(self) -> bool:
     """Whether the sampler draws noise (as the method declares), so each sample needs its own key."""

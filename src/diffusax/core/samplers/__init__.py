@@ -21,7 +21,7 @@ count, guidance scale, eta or churn reuses the compiled program. Network calls
 per sample (NFE) for n steps:
 
     ddpm, ddim, euler, dpm_solver_pp_2m, dpm_solver_pp_3m, unipc,
-    flow_euler, euler_maruyama                                        n
+    flow_euler, euler_maruyama, consistency                           n
     heun, flow_heun                                                   2n - 1
     pc                                                                n (1 + n_corrector)
 """
@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from diffusax.core import model as model_lib
 from diffusax.core.samplers import ddpm as _ddpm
+from diffusax.core.samplers import consistency as _consistency
 from diffusax.core.samplers import dpm_solver, driver, flow, grid, karras, sde, unipc
 from diffusax.core.samplers.driver import Sampler, State, run
 from diffusax.core.samplers.model import Bound
@@ -48,6 +49,7 @@ METHODS: dict[str, Callable[..., Sampler]] = {
     "flow_heun": flow.flow_heun,
     "euler_maruyama": sde.euler_maruyama,
     "pc": sde.pc,
+    "consistency": _consistency.consistency,
 }
 
 
