@@ -26,7 +26,7 @@ def get_config():
   c.distill.teacher_solver = "heun"
   c.distill.metric = "l2"
   c.distill.target_decay = 0.95            # mu of the target network.
-  c.distill.steps_per_round = 2000
+  c.distill.steps_per_round = 1500
   c.optim.lr = 2e-4
   c.optim.warmup_steps = 0
   c.optim.decay = "cosine"

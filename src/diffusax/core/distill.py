@@ -70,32 +70,40 @@ def progressive_loss(schedule, student_x0, target, t):
 # --- Consistency distillation (Song et al. 2023) -------------------------------------------------
 #
 # A consistency function f(x_t, t) maps every point of a probability-flow ODE trajectory to its
-# end at the boundary time t_min. It is built from a denoiser's x0 prediction D(x_t, t) as
+# end at the boundary time t_min. In the EDM noise level s = sigma / alpha, Song et al. (appendix C)
+# parametrise it with the network's EDM-preconditioned raw output F as
 #
-#     f(x_t, t) = c_skip(t) x_t + (1 - c_skip(t)) D(x_t, t),
-#     c_skip(t) = sigma_data^2 / ((s(t) - s(t_min))^2 + sigma_data^2),   s = sigma / alpha,
+#     f = c_skip(s) x + c_out(s) F,   c_skip = sd^2 / ((s - s0)^2 + sd^2),   c_out = sd (s - s0) / sqrt(sd^2 + s^2),
 #
-# the skip weight of the paper's appendix C (EDM's, with its boundary shifted to t_min) in the
-# EDM noise level s of the VP/VE process, so f(x, t_min) = x exactly and a student initialised
-# from its teacher starts at the teacher's denoiser away from t_min. Consistency distillation
-# draws n on a grid t_min = t_0 < ... < t_{N-1} = t_max (the Karras grid, `karras_times`), noises
-# x to x_{t_{n+1}}, takes one teacher ODE step to t_n (`teacher_ode_step`: DDIM, which is Euler in
-# (x / alpha, s), or Heun in the same variables), and regresses f_theta(x_{t_{n+1}}, t_{n+1}) onto
-# the target network's f_theta-(x_hat_{t_n}, t_n) (an EMA of theta, no gradient).
+# s0 = s(t_min), sd = sigma_data, so that f(x, t_min) = x. Our networks predict x0 through any
+# target; writing F through the x0 prediction D = c_skip_edm x + c_out_edm F (EDM's own
+# preconditioning, c_skip_edm = sd^2 / (s^2 + sd^2), c_out_edm = sd s / sqrt(sd^2 + s^2)) gives
+#
+#     f(x_t, t) = a(t) x_t + b(t) D(x_t, t),   b = (s - s0) / s,   a = c_skip - b c_skip_edm,
+#
+# (`consistency_weights`): a = 1, b = 0 at t_min (f(x, t_min) = x exactly), and a -> 0, b -> 1 away
+# from it, so a student initialised from its teacher starts at the teacher's denoiser. (x_t is used
+# where EDM has x_t / alpha_t: a is non-negligible only where alpha = 1 - O(s^2).) Consistency
+# distillation draws n on a grid t_min = t_0 < ... < t_{N-1} = t_max (the Karras grid, `karras_time`),
+# noises x to x_{t_{n+1}}, takes one teacher ODE step to t_n (`teacher_ode_step`: DDIM, which is
+# Euler in (x / alpha, s), or Heun in the same variables), and regresses f_theta(x_{t_{n+1}}, t_{n+1})
+# onto the target network's f_theta-(x_hat_{t_n}, t_n) (an EMA of theta, no gradient).
 
 
-def consistency_skip(schedule, t, t_min, sigma_data: float = 0.5):
-  """c_skip(t) [B] (see above); c_out = 1 - c_skip."""
+def consistency_weights(schedule, t, t_min, sigma_data: float = 0.5):
+  """(a, b) [B] of f = a x_t + b D (see above)."""
   s, s0 = schedule.edm_sigma(jnp.asarray(t, jnp.float32)), schedule.edm_sigma(jnp.asarray(t_min, jnp.float32))
-  return sigma_data ** 2 / ((s - s0) ** 2 + sigma_data ** 2)
+  sd2 = sigma_data ** 2
+  b = (s - s0) / s
+  return sd2 / ((s - s0) ** 2 + sd2) - b * sd2 / (s * s + sd2), b
 
 
 def consistency_fn(model, x_t, t, cond: Any = None, *, t_min, sigma_data: float = 0.5):
   """f(x_t, t) [B, ...]: the consistency function built from `model`'s x0 prediction (a `core.Model`)."""
   model_lib.check(model)
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
-  c = _b(consistency_skip(model.schedule, t, t_min, sigma_data), x_t)
-  return c * x_t + (1.0 - c) * model.predict(x_t, t, cond).x0
+  a, b = consistency_weights(model.schedule, t, t_min, sigma_data)
+  return _b(a, x_t) * x_t + _b(b, x_t) * model.predict(x_t, t, cond).x0
 
 
 TEACHER_SOLVERS = ("ddim", "heun")

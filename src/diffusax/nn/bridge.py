@@ -10,8 +10,11 @@ variance channels) comes from the caller, who trained the network for it:
   * `model(module, variables, target, schedule)` -> the `core.Model` of a trained network, with
     learned_variance from the module's own `learn_sigma` (so no caller can disagree with it).
   * `denoiser(module, variables)` -> denoise(x_t [B, ...], t scalar or [B],
-    cond labels [B] or None) -> [B, ...] float32 (2x channels with learn_sigma;
-    `split_variance` separates [prediction | var_interp]).
+    cond labels [B] or None, or {"label": labels, "w": w [B]} for a `guidance_embed` network)
+    -> [B, ...] float32 (2x channels with learn_sigma; `split_variance` separates
+    [prediction | var_interp]).
+  * `condition(module, model, labels, scale, null_class)` -> (model, cond): how a sampler guides
+    with weight `scale`: CFG against the null class, or the w input of a w-conditioned network.
   * `classifier_log_prob(module, variables)` -> log_prob(x_t, t, labels) ->
     log p(labels | x_t, t) [B], for classifier guidance (its gradient in x_t).
 """
@@ -38,6 +41,9 @@ def denoiser(module: nn.Module, variables, *, train: bool = False, rngs=None) ->
 
   def denoise(x_t, t, cond=None):
     t = jnp.broadcast_to(jnp.asarray(t, F32), (x_t.shape[0],))
+    if isinstance(cond, dict):  # Named parts: {"label": y, "w": guidance weight} (a w-conditioned student).
+      extra = {k: v for k, v in cond.items() if k != "label"}
+      return module.apply(variables, x_t, t, cond.get("label"), train=train, rngs=rngs, **extra)
     return module.apply(variables, x_t, t, cond, train=train, rngs=rngs)
 
   return denoise
@@ -66,6 +72,20 @@ def model(module: nn.Module, variables, target: str, schedule):
   schedule = bind_schedule(schedule, variables["params"])
   return Model(denoiser(module, variables), target, schedule,
                learned_variance=bool(getattr(module, "learn_sigma", False)))
+
+
+def condition(module, model, labels, scale, null_class, interval=None):
+  """(model, cond) for sampling with guidance weight `scale` (scalar or [B]): a `guidance_embed` network
+  takes w = scale as its input (one call per step, no CFG); otherwise CFG against `null_class` when
+  conditional, else the model unguided."""
+  from diffusax.core import guidance
+  if getattr(module, "guidance_embed", False):
+    b = jnp.shape(labels)[0] if labels is not None else None
+    w = jnp.asarray(scale, F32) if b is None else jnp.broadcast_to(jnp.asarray(scale, F32), (b,))
+    return model, {"label": labels, "w": w}
+  if null_class is not None:
+    return guidance.cfg(model, null_cond=null_class, scale=scale, interval=interval), labels
+  return model, labels
 
 
 def split_variance(output):

@@ -105,11 +105,12 @@ class DiT(nn.Module):
   time_embedding: str = "sinusoidal"     # "sinusoidal" (of 1000 t) or "fourier" (of t)
   time_scale: float = 1000.0             # sinusoidal features see t * time_scale
   frequency_dim: int = 256               # width of the time features
+  guidance_embed: bool = False           # a guidance-weight input w added to the conditioning (guided distillation)
   dtype: Dtype = F32                     # compute dtype
   param_dtype: Dtype = F32               # parameter dtype
 
   @nn.compact
-  def __call__(self, x, t, y=None, train: bool = False):
+  def __call__(self, x, t, y=None, train: bool = False, w=None):
     del train
     if x.ndim != 4:
       raise layers.InputShapeError(f"DiT expects x of shape [B, H, W, C]; got {tuple(x.shape)}")
@@ -134,6 +135,9 @@ class DiT(nn.Module):
     if y is not None:
       cond = cond + embeddings.ClassEmbedding(self.num_classes, d, stddev=0.02, name="y_embedder",
                                               **kw)(y).astype(F32)
+    w = embeddings.check_guidance(w, self.guidance_embed, b)
+    if w is not None:
+      cond = cond + embeddings.GuidanceEmbedding(d, self.frequency_dim, name="w_embedder", **kw)(w).astype(F32)
     for i in range(self.depth):
       h = DiTBlock(self.num_heads, self.mlp_ratio, name=f"block_{i}", **kw)(h, cond)
 

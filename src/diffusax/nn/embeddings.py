@@ -101,6 +101,36 @@ class TimeEmbedding(nn.Module):
     return h
 
 
+class GuidanceEmbedding(nn.Module):
+  """The guidance weight w [B] of a w-conditioned (guided-distillation) student -> [B, dim], added to the
+  time embedding (Meng et al. 2023): sinusoidal features of w * scale -> Dense -> SiLU -> Dense, the last
+  layer zero-initialised, so a student initialised from its teacher starts as the teacher (conditional)."""
+  dim: int
+  features_dim: int = 64
+  scale: float = 250.0  # w in [0, ~4] spans the sinusoidal frequencies as t * 1000 does for t in [0, 1]
+  dtype: Dtype = F32
+  param_dtype: Dtype = F32
+
+  @nn.compact
+  def __call__(self, w):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    f = sinusoidal(jnp.asarray(w, F32) * self.scale, self.features_dim)
+    h = layers.dense(self.dim, ("embed", "mlp"), name="dense_0", **kw)(f.astype(self.dtype))
+    return layers.dense(self.dim, ("mlp", "embed"), zero_init=True, name="dense_1", **kw)(nn.silu(h))
+
+
+def check_guidance(w, guidance_embed: bool, batch: int):
+  """Validates the guidance weight against the network's setting; returns float32 [B] or None."""
+  if not guidance_embed:
+    if w is not None:
+      raise ValueError("a guidance weight w was given but the network has guidance_embed=False")
+    return None
+  if w is None:
+    raise ValueError("the network is w-conditioned (guidance_embed=True): pass the guidance weight w, "
+                     "a scalar or [B] (cond={'label': y, 'w': w} through diffusax.nn.bridge)")
+  return batch_times(w, batch)
+
+
 def check_labels(y, num_classes: int | None, batch: int):
   """Validates labels against the class setting; returns int32 [B] or None."""
   if num_classes is None:

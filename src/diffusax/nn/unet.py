@@ -193,7 +193,8 @@ def fourier_features(x, exponents: Sequence[int]):
 class UNet(nn.Module):
   """ADM/DDPM U-Net denoiser; see the module docstring for shapes and options.
 
-  Call: `apply(variables, x, t, y=None, train=False, low_res=None)`; with
+  Call: `apply(variables, x, t, y=None, train=False, low_res=None, w=None)` (w: the guidance weight
+  of a guidance_embed network); with
   train=True pass `rngs={"dropout": key}` when dropout > 0.
   """
   out_channels: int | None = None          # None -> channels of x
@@ -216,11 +217,13 @@ class UNet(nn.Module):
   low_res_channels: int = 0                # > 0: expect `low_res` for super-resolution
   fourier_features: Sequence[int] = ()     # exponents n: sin and cos of 2^n 2 pi x appended to the input (VDM)
   remat: bool = False                      # recompute ResBlock activations in backward (memory for compute)
+  guidance_embed: bool = False             # a guidance-weight input w, embedded and added to the time
+                                           # embedding (guided distillation's student)
   dtype: Dtype = F32                       # compute dtype
   param_dtype: Dtype = F32                 # parameter dtype
 
   @nn.compact
-  def __call__(self, x, t, y=None, train: bool = False, low_res=None):
+  def __call__(self, x, t, y=None, train: bool = False, low_res=None, w=None):
     if x.ndim != 4:
       raise layers.InputShapeError(f"UNet expects x of shape [B, H, W, C]; got {tuple(x.shape)}")
     b, hh, ww, c = x.shape
@@ -234,6 +237,9 @@ class UNet(nn.Module):
                                    self.fourier_scale, name="time_embed", **kw)(t)
     if y is not None:
       emb = emb + embeddings.ClassEmbedding(self.num_classes, emb_dim, name="class_embed", **kw)(y)
+    w = embeddings.check_guidance(w, self.guidance_embed, b)
+    if w is not None:
+      emb = emb + embeddings.GuidanceEmbedding(emb_dim, self.base_channels, name="guidance_embed", **kw)(w)
     if self.low_res_channels:
       if low_res is None or low_res.ndim != 4 or low_res.shape[0] != b or low_res.shape[-1] != self.low_res_channels:
         got = None if low_res is None else tuple(low_res.shape)

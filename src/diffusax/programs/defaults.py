@@ -185,7 +185,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.t_min = 1e-3                # Smallest time of the VLB grid and the ODE.
 
   c.distill = ml_collections.ConfigDict()  # --mode=distill (programs/distill.py); the model is the teacher's.
-  c.distill.kind = "progressive"     # "progressive" (Salimans & Ho 2022) or "consistency" (Song et al. 2023).
+  c.distill.kind = "progressive"     # "progressive" (Salimans & Ho 2022), "guided" (Meng et al. 2023: a
+                                     # w-conditioned student of a CFG teacher, then progressive rounds of it;
+                                     # set model.<name>.guidance_embed=True) or "consistency" (Song et al. 2023).
   c.distill.teacher_workdir = ""     # The teacher's run directory (its first EMA is the teacher).
   c.distill.teacher_step = -1        # The teacher's checkpoint step (-1: its latest).
   c.distill.teacher_steps = 64       # progressive: the teacher's DDIM steps; round r's student takes
@@ -197,6 +199,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.teacher_solver = "heun"  # consistency: the teacher's ODE step, "ddim" (Euler) or "heun".
   c.distill.metric = "l2"            # consistency: "l2" or "pseudo_huber".
   c.distill.target_decay = 0.95      # consistency: EMA decay of the target network theta^-.
+  c.distill.guidance_range = (0.0, 2.0)  # guided: w ~ U[w_min, w_max] (guided = cond + w (cond - uncond)).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)             # (data, fsdp) device mesh over all processes' devices; one -1 takes

@@ -85,6 +85,8 @@ class _Run:
   abstract_state: object
   shardings: object
   step: object      # jitted distillation step
+  first_step: object  # the first round's step (guided: its teacher is the plain CFG network), else `step`
+  teacher_setup: object  # the first round's teacher's ModelSetup (guided: without guidance_embed), else u
   fresh: object     # teacher params -> the first round's state
   next_round: object  # state at a round's end -> the next round's start
   rounds: tuple
@@ -96,6 +98,9 @@ def _build(s: Settings, devices) -> _Run:
   d = s.distill
   u = setup_lib.model_setup(s, devices)
   s = u.s
+  guided = d.kind == "guided"
+  ut = setup_lib.model_setup(dataclasses.replace(s, model_kwargs={**s.model_kwargs, "guidance_embed": False}),
+                             devices, data=u.data) if guided else u
   rounds, per = d.rounds, d.steps_per_round
   total = per * len(rounds)
   tx, lr_fn = optim_lib.make(dataclasses.replace(s.optim, total_steps=per if d.reset_optimizer else total))
@@ -105,24 +110,40 @@ def _build(s: Settings, devices) -> _Run:
   abstract_state = jax.eval_shape(create, u.abstract_params)
   shardings = setup_lib.state_shardings(abstract_state, u.param_shardings, u.mesh)
   models = distill_step.flax_models(u.module, s.loss.target, u.schedule)
-  fn = distill_step.make_distill_step(
-      d.kind, models, models, tx, lr_fn, label_dropout=s.loss.label_dropout,
-      null_class=s.loss.null_class, ema_decays=s.ema_decays, t_max=grid.default_t_max(u.schedule),
-      t_min=grid.default_t_min(u.schedule), teacher_solver=d.teacher_solver, metric=d.metric,
-      target_decay=d.target_decay)  # sigma_data 0.5 and boundary t_min: the consistency sampler's defaults.
   rep = mesh_lib.replicated(u.mesh)
   batch_sh = {"x": mesh_lib.batch_sharding(u.mesh, 1 + len(u.sample_shape)), "label": mesh_lib.batch_sharding(u.mesh, 1)}
-  step = jax.jit(fn, in_shardings=(shardings, u.param_shardings, batch_sh, rep, rep), out_shardings=(shardings, rep),
-                 donate_argnums=0)
+
+  def make(kind, teacher_u):
+    fn = distill_step.make_distill_step(
+        kind, models, distill_step.flax_models(teacher_u.module, s.loss.target, u.schedule), tx, lr_fn,
+        label_dropout=0.0 if guided else s.loss.label_dropout, null_class=s.loss.null_class,
+        ema_decays=s.ema_decays, t_max=grid.default_t_max(u.schedule), t_min=grid.default_t_min(u.schedule),
+        teacher_solver=d.teacher_solver, metric=d.metric, target_decay=d.target_decay,
+        w_range=d.guidance_range if guided else None)  # sigma_data 0.5, boundary t_min: the sampler's defaults.
+    return jax.jit(fn, in_shardings=(shardings, teacher_u.param_shardings, batch_sh, rep, rep),
+                   out_shardings=(shardings, rep), donate_argnums=0)
+
+  step = make("progressive" if guided else d.kind, u)
+  first = make("guided", ut) if guided else step
+
+  def fresh(teacher_params):
+    if not guided:
+      return create(teacher_params)
+    # The w-conditioned student: the teacher's parameters, plus its guidance embedding at initialisation
+    # (zero output: the student starts as the conditional teacher).
+    init = mesh_lib.unbox(u.param_init(jax.random.fold_in(jax.random.key(s.seed), 0x1A17)))
+    return create({**init, **teacher_params})
 
   def next_round(st):
     p = st.ema_params[0]
     return st.replace(params=p, ema_params=tuple(jax.tree.map(jnp.copy, p) for _ in st.ema_params),
                       opt_state=tx.init(p) if d.reset_optimizer else st.opt_state)
 
-  return _Run(u=u, tx=tx, abstract_state=abstract_state, shardings=shardings, step=step, fresh=jax.jit(create, out_shardings=shardings),
+  names = ("consistency",) if consistency else (("guided",) if guided else ()) + tuple(str(n) for n in rounds[guided:])
+  return _Run(u=u, tx=tx, abstract_state=abstract_state, shardings=shardings, step=step, first_step=first,
+              teacher_setup=ut, fresh=jax.jit(fresh, out_shardings=shardings),
               next_round=jax.jit(next_round, out_shardings=shardings, donate_argnums=0), rounds=rounds,
-              per_round=per, names=("consistency",) if consistency else tuple(str(n) for n in rounds))
+              per_round=per, names=names)
 
 
 def _plan(s: Settings) -> dict:
@@ -150,18 +171,33 @@ def _write_student(r: _Run, workdir: str, k: int, state, logger: Logger) -> str:
   return out
 
 
-def _grid(r: _Run, params, n: int, workdir: str, logger: Logger, step: int) -> str:
+def make_grid_generator(u: setup_lib.ModelSetup, max_steps: int):
+  """Jitted gen(params, indices, labels, scale, key, n) -> samples: sample.method with a traced step count
+  n <= max_steps (`samplers.sample`'s max_steps), so every student's grid shares one compile."""
+  from diffusax.core import samplers
+  from diffusax.nn import bridge
+  s = u.s
+  options = generate.sampler_options(s.sample.method, s.sample.eta, s.sample.spacing, s.sample.order)
+
+  def gen(params, indices, labels, scale, key, n):
+    model, cond = bridge.condition(u.module, bridge.model(u.module, {"params": params}, s.loss.target, u.schedule),
+                                   labels, scale, s.loss.null_class)
+    x_T = generate.initial_noise(jax.random.fold_in(key, 0), indices, u.sample_shape, model.schedule.prior_std)
+    return samplers.sample(model, x_T, key=jax.random.fold_in(key, 1), method=s.sample.method, num_steps=n,
+                           max_steps=max_steps, cond=cond, options=options, clip_x0=s.sample.clip_x0 or None)
+
+  return jax.jit(gen)
+
+
+def _grid(r: _Run, gen, params, n: int, workdir: str, logger: Logger, step: int) -> str:
   """The student's sample grid with n steps of sample.method (one row per class)."""
   u, s = r.u, r.u.s
-  spec = generate.SamplerSpec(s.sample.method, n, s.sample.eta, s.sample.clip_x0, s.sample.spacing, s.sample.order)
-  gen = generate.make_generate(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class,
-                               sample_shape=u.sample_shape)
   conditional = bool(u.num_classes and s.class_conditional)
   labels = np.repeat(np.arange(u.num_classes), s.sample.per_class).astype(np.int32) if conditional else None
   rows = u.num_classes if conditional else s.sample.per_class
   count = len(labels) if conditional else s.sample.per_class ** 2
   key = jax.random.fold_in(jax.random.key(s.seed), 0x5A4D)
-  x = np.asarray(gen(params, np.arange(count), labels, jnp.float32(s.sample.guidance_scale), key))
+  x = np.asarray(gen(params, np.arange(count), labels, jnp.float32(s.sample.guidance_scale), key, jnp.int32(n)))
   img = generate.image_grid(generate.to_uint8(x), rows, upscale=max(1, 64 // u.sample_shape[0]))
   path = storage.join(workdir, f"samples_{n}steps.png")
   if jax.process_index() == 0:
@@ -207,7 +243,7 @@ def run(s: Settings, workdir: str, devices=None) -> dict:
       logger.info(f"resumed the distillation at step {int(state.step)} from {ckpt.directory}")
       teacher = None
     else:
-      teacher, tstep = setup_lib.restore_ema(u, d.teacher_workdir, d.teacher_step, logger)
+      teacher, tstep = setup_lib.restore_ema(r.teacher_setup, d.teacher_workdir, d.teacher_step, logger)
       logger.info(f"teacher: {d.teacher_workdir} step {tstep}")
       state = r.fresh(teacher)
     summary = _loop(r, state, teacher, it, ckpt, workdir, logger, plan)
@@ -222,6 +258,8 @@ def _loop(r: _Run, state, teacher, it, ckpt, workdir: str, logger: Logger, plan:
   u, s, d = r.u, r.u.s, r.u.s.distill
   per, total = r.per_round, r.per_round * len(r.rounds)
   info = storage.join(workdir, "distill.json")
+  counts = CONSISTENCY_GRIDS if d.kind == "consistency" else tuple(max(n, 1) for n in r.rounds)
+  gen = make_grid_generator(u, max(counts))
   log = storage.read_json(info) if storage.exists(info) else {"rounds": {}}
 
   def save(st, k):
@@ -237,14 +275,16 @@ def _loop(r: _Run, state, teacher, it, ckpt, workdir: str, logger: Logger, plan:
       state = r.next_round(state)
     elif teacher is None:  # Resumed mid-round: the round's teacher is re-read.
       wd, ts = (d.teacher_workdir, d.teacher_step) if k == 0 else (students_dir(workdir, r.names[k - 1]), -1)
-      teacher, _ = setup_lib.restore_ema(u, wd, ts, logger)
-    what = f"student of {n} steps" if d.kind == "progressive" else f"consistency student on {n} noise levels"
+      teacher, _ = setup_lib.restore_ema(r.teacher_setup if k == 0 else u, wd, ts, logger)
+    what = {"consistency": f"consistency student on {n} noise levels",
+            "guided": f"w-conditioned student of the CFG teacher, w in {list(d.guidance_range)}"}.get(
+                r.names[k], f"student of {n} steps")
     logger.info(f"round {k + 1}/{len(r.rounds)}: {what}, steps {lo}..{hi}")
     t0, wall0, step0 = time.perf_counter(), time.perf_counter(), int(state.step)
     start = step0
     nn_, lo_ = jnp.int32(n), jnp.int32(lo)
     for step in range(int(state.step), hi):
-      state, metrics = r.step(state, teacher, setup_lib.to_global(
+      state, metrics = (r.first_step if k == 0 else r.step)(state, teacher, setup_lib.to_global(
           {k_: v for k_, v in next(it).items() if k_ in ("x", "label")}, u.mesh), nn_, lo_)
       done = step + 1
       if done % s.train.log_every == 0 or done == hi:
@@ -263,8 +303,9 @@ def _loop(r: _Run, state, teacher, it, ckpt, workdir: str, logger: Logger, plan:
     entry["wall_s"] = time.perf_counter() - wall0
     entry["steps_timed"] = hi - start
     log["rounds"][r.names[k]] = entry
-    for m in ((n,) if d.kind == "progressive" else CONSISTENCY_GRIDS):
-      entry.setdefault("samples", {})[str(m)] = _grid(r, state.ema_params[0], m, workdir, logger, int(state.step))
+    for m in (CONSISTENCY_GRIDS if d.kind == "consistency" else (n,)):
+      entry.setdefault("samples", {})[str(m)] = _grid(r, gen, state.ema_params[0], m, workdir, logger,
+                                                      int(state.step))
     if jax.process_index() == 0:
       storage.commit(info, json.dumps({**log, "plan": plan}, indent=1).encode(), marker=False)
   _write_student(r, workdir, len(r.rounds) - 1, state, logger)

@@ -111,7 +111,8 @@ def make_param_init(s: Settings, module, sample_shape: tuple):
     x = jnp.zeros(x_shape, jnp.float32)
     t = jnp.full((b,), 0.5, jnp.float32)
     y = jnp.zeros((b,), jnp.int32) if cond else None
-    params = module.init({"params": k, "dropout": k}, x, t, y, train=False)["params"]
+    extra = {"w": jnp.zeros((b,), jnp.float32)} if getattr(module, "guidance_embed", False) else {}
+    params = module.init({"params": k, "dropout": k}, x, t, y, train=False, **extra)["params"]
     if isinstance(template, schedules.Learned):  # Its trained fields, next to the network's (nn.bridge).
       hidden = template.net["l2_w"].shape[0]
       sched = {"net": schedules.monotone_net_init(jax.random.fold_in(k, 0x5CED), hidden)}

@@ -99,6 +99,9 @@ def for_training(m: ModelSetup, source, traces: TraceCounts | None = None) -> Se
   state init (compiled once; the persistent compilation cache serves it to later processes)."""
   s = m.s
   settings_lib.time_sampler_check(s)
+  if s.model_kwargs.get("guidance_embed"):
+    raise ConfigError(f"model.{s.model_name}.guidance_embed=True: a w-conditioned network is trained by "
+                      "--mode=distill with distill.kind='guided' (from a CFG teacher), not by --mode=train")
   if s.mesh_strategy == "pmap" and jax.process_count() > 1:
     raise ConfigError(f"mesh.strategy='pmap' runs in one process; this run has {jax.process_count()} "
                       "processes: use mesh.strategy='mesh'")

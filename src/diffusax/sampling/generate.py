@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusax import storage
-from diffusax.core import guidance, samplers
+from diffusax.core import samplers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +56,11 @@ def make_generate(module, schedule, target: str, spec: SamplerSpec, *, null_clas
   options = sampler_options(spec.method, spec.eta, spec.spacing, spec.order)
 
   def gen(params, indices, labels, scale, key):
-    model = bridge.model(module, {"params": params}, target, schedule)
-    if null_class is not None:
-      model = guidance.cfg(model, null_cond=null_class, scale=scale)
+    model, cond = bridge.condition(module, bridge.model(module, {"params": params}, target, schedule), labels,
+                                   scale, null_class)
     x_T = initial_noise(jax.random.fold_in(key, 0), indices, sample_shape, model.schedule.prior_std)
     return samplers.sample(model, x_T, key=jax.random.fold_in(key, 1), method=spec.method,
-                           num_steps=spec.num_steps, cond=labels, options=options,
+                           num_steps=spec.num_steps, cond=cond, options=options,
                            clip_x0=spec.clip_x0 or None)
 
   return jax.jit(gen)

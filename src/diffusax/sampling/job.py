@@ -132,8 +132,8 @@ def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: 
       weak = bridge.model(guide.module, {"params": guide_params}, guide.target, schedule).replace(
           schedule=model.schedule)
       model = guidance.autoguidance(model, weak, scale=scale, interval=interval)
-    elif null_class is not None:
-      model = guidance.cfg(model, null_cond=null_class, scale=scale, interval=interval)
+    else:  # CFG, or a w-conditioned network's own guidance input (`bridge.condition`).
+      model, labels = bridge.condition(module, model, labels, scale, null_class, interval)
     return samplers.sample(model, x_T, key=key, method=spec.method, num_steps=spec.num_steps, cond=labels,
                            options=options, clip_x0=spec.clip_x0 or None)
 

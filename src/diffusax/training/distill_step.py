@@ -13,6 +13,10 @@ At global step k every draw comes from fold_in(base_key, k), split four ways
   * progressive (Salimans & Ho 2022, Algorithm 2): i ~ U{1..n}, t = t_max i / n, the student's
     x0 prediction at z_t regressed onto `core.distill.progressive_target` (two teacher DDIM
     steps of t_max / (2n)), weighted by max(SNR, 1).
+  * guided (Meng et al. 2023, stage one): w ~ U[w_range], t ~ U[t_min, t_max]; the w-conditioned
+    student's x0 at z_t (cond {"label": y, "w": w}) regressed onto the CFG-guided teacher's
+    x0 = x0_c + w (x0_c - x0_u), weighted by max(SNR, 1). With `w_range` a progressive step
+    conditions teacher and student on the same w (stage two: progressive distillation of that student).
   * consistency (Song et al. 2023, Algorithm 2): j ~ U{0..n-2} on the Karras grid
     t_0 = t_min < ... < t_{n-1} = t_max of n levels; f_student(z_{t_{j+1}}, t_{j+1}) regressed onto
     f_target(x_hat_{t_j}, t_j), x_hat_{t_j} one teacher ODE step from z_{t_{j+1}}, with f_target
@@ -29,18 +33,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusax.core import distill, losses, process
+from diffusax.core import distill, guidance, losses, process
 from diffusax.nn import bridge
 from diffusax.training import state as state_lib
 from diffusax.training.state import TrainState
 
-KINDS = ("progressive", "consistency")
+KINDS = ("progressive", "guided", "consistency")
 
 
 def make_distill_step(kind: str, student: Callable, teacher: Callable, tx: optax.GradientTransformation,
                       lr_fn: Callable, *, label_dropout: float, null_class: int | None,
                       ema_decays, t_max: float, t_min: float, teacher_solver: str = "ddim",
-                      metric: str = "l2", sigma_data: float = 0.5, target_decay: float = 0.95):
+                      metric: str = "l2", sigma_data: float = 0.5, target_decay: float = 0.95,
+                      w_range: tuple | None = None):
   """Builds the (unjitted) step of `kind` (see module doc).
 
   `student(params)` and `teacher(teacher_params)` return the `core.Model` of those parameters
@@ -53,12 +58,16 @@ def make_distill_step(kind: str, student: Callable, teacher: Callable, tx: optax
     raise ValueError(f"unknown distillation kind {kind!r}; allowed: {list(KINDS)}")
   ema_decays = tuple(float(d) for d in ema_decays)
   consistency = kind == "consistency"
+  if kind == "guided" and (w_range is None or null_class is None):
+    raise ValueError("guided distillation needs w_range and a class-conditional (CFG-trained) teacher")
+  if consistency and w_range is not None:
+    raise ValueError("consistency distillation takes no guidance weight (w_range=None)")
 
   def step(state: TrainState, teacher_params, batch: dict, n, round_start):
     x = batch["x"]
     b = x.shape[0]
     key = jax.random.fold_in(state_lib.base_key(state), state.step)
-    k_t, k_eps, k_label, _ = jax.random.split(key, 4)
+    k_t, k_eps, k_label, k_w = jax.random.split(key, 4)
     eps = jax.random.normal(k_eps, x.shape, jnp.float32)
     y = None
     if null_class is not None:
@@ -66,7 +75,20 @@ def make_distill_step(kind: str, student: Callable, teacher: Callable, tx: optax
     schedule = student(state.params).schedule
     teacher_model = teacher(teacher_params)
     nf = jnp.asarray(n, jnp.float32)
-    if consistency:
+    cond = y
+    if w_range is not None:
+      w = jax.random.uniform(k_w, (b,), jnp.float32, w_range[0], w_range[1])
+      cond = {"label": y, "w": w}
+    if kind == "guided":
+      t = jax.random.uniform(k_t, (b,), jnp.float32, t_min, t_max)
+      z = process.q_sample(schedule, x, t, eps)
+      guided = guidance.cfg(teacher_model, null_cond=null_class, scale=w)
+      tgt = jax.lax.stop_gradient(guided.predict(z, t, y).x0)
+
+      def loss_fn(p):
+        x0 = student(p).predict(z, t, cond).x0
+        return jnp.mean(distill.progressive_loss(schedule, x0, tgt, t))
+    elif consistency:
       j = jax.random.randint(k_t, (b,), 0, n - 1)
       t_of = lambda idx: distill.karras_time(schedule, idx, n, t_min, t_max)
       t_next, t_cur = t_of(j + 1), t_of(j)
@@ -84,10 +106,10 @@ def make_distill_step(kind: str, student: Callable, teacher: Callable, tx: optax
       t = t_max * i.astype(jnp.float32) / nf
       dt = jnp.full((b,), t_max, jnp.float32) / nf
       z = process.q_sample(schedule, x, t, eps)
-      tgt = distill.progressive_target(teacher_model, z, t, dt, y)
+      tgt = distill.progressive_target(teacher_model, z, t, dt, cond)
 
       def loss_fn(p):
-        x0 = student(p).predict(z, t, y).x0
+        x0 = student(p).predict(z, t, cond).x0
         return jnp.mean(distill.progressive_loss(schedule, x0, tgt, t))
 
     value, grads = jax.value_and_grad(loss_fn)(state.params)
