@@ -12,10 +12,13 @@ reference: half A of the real digits; half B's distance to it is the real-data f
   * the teacher with DDIM, DPM-Solver++(2M), DPM-Solver++(3M) and UniPC(bh2, order 2) at 1, 2, 4, 8
     network calls, and DDIM at 64 (the progressive teacher's own grid);
   * each progressive student (students/<n>) with its n DDIM steps on the trailing grid;
-  * the consistency student with 1, 2, 4 and 8 steps of the multistep consistency sampler.
+  * the consistency student with 1, 2, 4 and 8 steps of the multistep consistency sampler;
+  * guided (w = 1, the README grid's weight): the teacher with CFG (2 network calls per step) by DDIM
+    and DPM-Solver++(2M) at 1, 2, 4, 8 steps and DDIM at 64, against the guided students
+    (configs/digits_guided.py, students/<n>, w as their input: one call per step).
 
     .venv/bin/python benchmarks/distillation.py --teacher=runs/digits --progressive=runs/digits_distill \
-        --consistency=runs/digits_cd --out=runs/bench18
+        --consistency=runs/digits_cd --guided=runs/digits_guided --out=runs/bench18
 
 Writes benchmarks/distillation.json.
 """
@@ -41,6 +44,7 @@ def main():
   ap.add_argument("--teacher", required=True)
   ap.add_argument("--progressive", required=True)
   ap.add_argument("--consistency", required=True)
+  ap.add_argument("--guided", default="")
   ap.add_argument("--out", required=True)
   ap.add_argument("--data_dir", default="")
   ap.add_argument("--num_samples", type=int, default=900)
@@ -60,14 +64,24 @@ def main():
   logger = Logger(a.out, enabled=False)
   rows = []
 
-  def measure(who, workdir, method, steps, spacing=""):
-    s = dataclasses.replace(base, sample=dataclasses.replace(base.sample, method=method, num_steps=steps,
-                                                                 spacing=spacing))
-    uw = dataclasses.replace(u, s=settings_lib.with_null_class(s, u.num_classes))
+  gbase = gu = None
+  if a.guided:
+    import digits_guided
+    cg = digits_guided.get_config()
+    cg.data.data_dir, cg.eval.metrics, cg.eval.num_samples = c.data.data_dir, c.eval.metrics, c.eval.num_samples
+    gbase = settings_lib.parse(cg)
+    gu = setup_lib.model_setup(gbase)
+
+  def measure(who, workdir, method, steps, spacing="", w=0.0, student_w=False):
+    b, mu = (gbase, gu) if student_w else (base, u)
+    s = dataclasses.replace(b, sample=dataclasses.replace(b.sample, method=method, num_steps=steps,
+                                                              spacing=spacing, guidance_scale=w))
+    uw = dataclasses.replace(mu, s=settings_lib.with_null_class(s, mu.num_classes))
     params, step = setup_lib.restore_ema(uw, workdir)
     t0 = time.perf_counter()
     m = evaluate.Evaluator(uw).evaluate(params, step, os.path.join(a.out, who, f"{method}{steps}"), logger)["metrics"]
-    row = {"model": who, "method": method, "spacing": spacing or "default", "steps": steps, "nfe": steps,
+    nfe = steps * (2 if w and not student_w else 1)
+    row = {"model": who, "method": method, "spacing": spacing or "default", "steps": steps, "nfe": nfe, "w": w,
            "fd_digits": m["fd_digits"], "class_accuracy": m["class_accuracy"],
            "fd_digits_real": m.get("fd_digits_real"), "seconds": round(time.perf_counter() - t0, 1)}
     rows.append(row)
@@ -82,8 +96,18 @@ def main():
       measure("progressive", os.path.join(a.progressive, "students", str(n)), "ddim", n, "trailing")
   for n in CALLS:
     measure("consistency", os.path.join(a.consistency, "students", "consistency"), "consistency", n)
+  if a.guided:
+    for method in ("ddim", "dpm_solver_pp_2m"):
+      for n in CALLS:
+        measure("teacher_cfg", a.teacher, method, n, w=1.0)
+    measure("teacher_cfg", a.teacher, "ddim", 64, w=1.0)
+    for n in CALLS:
+      measure("guided", os.path.join(a.guided, "students", str(n)), "ddim", n, "trailing", w=1.0, student_w=True)
   cost = {}
-  for name, wd in (("teacher", a.teacher), ("progressive", a.progressive), ("consistency", a.consistency)):
+  for name, wd in (("teacher", a.teacher), ("progressive", a.progressive), ("consistency", a.consistency),
+                   ("guided", a.guided)):
+    if not wd:
+      continue
     path = os.path.join(wd, "metrics.json" if name == "teacher" else "distill.json")
     if os.path.exists(path):
       cost[name] = json.load(open(path))

@@ -23,5 +23,7 @@ def get_config():
   c.distill.kind = "guided"
   c.distill.guidance_range = (0.0, 2.0)
   c.model.unet.guidance_embed = True       # The student's w input (the teacher is read without it).
+  c.distill.steps_per_round = 300          # 7 rounds (stage one, then 64 -> 1): 2100 steps.
+  c.train.ckpt_every = 150
   c.sample.guidance_scale = 1.0            # The w the README's digits grid uses.
   return c

@@ -32,7 +32,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_digits(tmp_path_factory):
-  """The embedded default (digits U-Net, class-conditional, CFG grid) trained for 4 steps on a tiny network.
+  """The embedded digits config (class-conditional, CFG grid) trained for 4 steps with a tiny DiT in place of
+  its U-Net: the program path is the same and the compiles are a fraction of the U-Net's on XLA:CPU (the
+  U-Net goes through the programs in tests/test_prepare.py, test_programs.py, test_train.py, test_vdm.py).
 
   Shared by the training-program and evaluation tests of tests/test_eval.py: one U-Net compile for
   all, on one pytest-xdist worker (`--dist loadfile`: the users of a shared run live in one module).
@@ -42,8 +44,8 @@ def tiny_digits(tmp_path_factory):
   import sys
   root = tmp_path_factory.mktemp("tiny_digits")
   data_dir, wd = str(root / "tfds"), str(root / "run")
-  over = {"model.unet.base_channels": 8, "model.unet.channel_mult": (1, 2),
-          "model.unet.attn_resolutions": (4,), "model.unet.num_groups": 4, "train.batch_size": 16,
+  over = {"model.name": "dit", "model.dit.patch_size": 4, "model.dit.hidden_size": 16, "model.dit.depth": 1,
+          "model.dit.num_heads": 2, "model.dit.frequency_dim": 16, "train.batch_size": 16,
           "train.num_steps": 4, "train.log_every": 2, "train.eval_batches": 1, "sample.num_steps": 3,
           "sample.per_class": 2, "sample.guidance_scale": 2.0}
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))

@@ -153,9 +153,9 @@ def test_digits_classifier_is_cached_and_accurate(data_dir):
   assert logits.shape == (7, 10) and feats.shape == (7, dc.FEATURE_DIM)
 
 
-def test_eval_mode_on_tiny_digits_unet(tiny_digits):
+def test_eval_mode_on_tiny_digits(tiny_digits):
   import subprocess
-  wd = tiny_digits["workdir"]  # 4 training steps of the tiny digits U-Net (tests/conftest.py).
+  wd = tiny_digits["workdir"]  # 4 training steps of the tiny digits DiT (tests/conftest.py).
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   run = lambda extra: subprocess.run([sys.executable, "-m", "diffusax.main", *tiny_digits["args"], *extra],
                                      capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -187,7 +187,7 @@ def test_eval_mode_on_tiny_digits_unet(tiny_digits):
 # every test of that run on one worker.
 
 def test_digits_default_pipeline_small(tiny_digits):
-  """The embedded default (U-Net, class-conditional, CFG grid) on a tiny network for 4 steps."""
+  """The embedded digits pipeline (class-conditional, CFG grid) on a tiny DiT for 4 steps."""
   out = tiny_digits["result"]
   from PIL import Image
   img = np.asarray(Image.open(out["samples"]))
