@@ -48,6 +48,8 @@ def main():
   ap.add_argument("--out", required=True)
   ap.add_argument("--data_dir", default="")
   ap.add_argument("--num_samples", type=int, default=900)
+  ap.add_argument("--parts", default="teacher,progressive,consistency,guided",
+                  help="which rows to (re)measure; the others are kept from an existing distillation.json")
   a = ap.parse_args()
   import digits
   from diffusax.programs import evaluate, setup as setup_lib
@@ -83,24 +85,28 @@ def main():
     nfe = steps * (2 if w and not student_w else 1)
     row = {"model": who, "method": method, "spacing": spacing or "default", "steps": steps, "nfe": nfe, "w": w,
            "fd_digits": m["fd_digits"], "class_accuracy": m["class_accuracy"],
-           "fd_digits_real": m.get("fd_digits_real"), "seconds": round(time.perf_counter() - t0, 1)}
+           "fd_digits_real_baseline": m.get("fd_digits_real_baseline"), "seconds": round(time.perf_counter() - t0, 1)}
     rows.append(row)
     print(json.dumps(row), flush=True)
 
-  for method in SOLVERS:
+  parts = set(a.parts.split(","))
+  if "teacher" in parts:
+    for method in SOLVERS:
+      for n in CALLS:
+        measure("teacher", a.teacher, method, n)
+    measure("teacher", a.teacher, "ddim", 64)
+  if "progressive" in parts:
     for n in CALLS:
-      measure("teacher", a.teacher, method, n)
-  measure("teacher", a.teacher, "ddim", 64)
-  for n in CALLS:
-    if os.path.isdir(os.path.join(a.progressive, "students", str(n))):
       measure("progressive", os.path.join(a.progressive, "students", str(n)), "ddim", n, "trailing")
-  for n in CALLS:
-    measure("consistency", os.path.join(a.consistency, "students", "consistency"), "consistency", n)
-  if a.guided:
+  if "consistency" in parts:
+    for n in CALLS:
+      measure("consistency", os.path.join(a.consistency, "students", "consistency"), "consistency", n)
+  if a.guided and "teacher" in parts:
     for method in ("ddim", "dpm_solver_pp_2m"):
       for n in CALLS:
         measure("teacher_cfg", a.teacher, method, n, w=1.0)
     measure("teacher_cfg", a.teacher, "ddim", 64, w=1.0)
+  if a.guided and "guided" in parts:
     for n in CALLS:
       measure("guided", os.path.join(a.guided, "students", str(n)), "ddim", n, "trailing", w=1.0, student_w=True)
   cost = {}
@@ -115,8 +121,13 @@ def main():
       "teacher_train": {"steps": cost.get("teacher", {}).get("step"),
                         "history_steps_per_s": [h.get("steps_per_s") for h in cost.get("teacher", {}).get("history", [])]},
       "distill_rounds": {k: v.get("rounds") for k, v in cost.items() if k != "teacher"}}
-  out = {"rows": rows, "cost": summary, "num_samples": a.num_samples, "guidance_scale": 0.0}
-  with open(os.path.join(HERE, "distillation.json"), "w") as f:
+  path = os.path.join(HERE, "distillation.json")
+  key = lambda r: (r["model"], r["method"], r["steps"], r["w"])
+  if os.path.exists(path):  # Rows of the parts not measured this time are kept.
+    mine = {key(r) for r in rows}
+    rows = [r for r in json.load(open(path))["rows"] if key(r) not in mine] + rows
+  out = {"rows": rows, "cost": summary, "num_samples": a.num_samples}
+  with open(path, "w") as f:
     json.dump(out, f, indent=1)
 
 

@@ -136,6 +136,7 @@ def test_guided_distillation_gives_a_w_conditioned_student_that_starts_as_its_te
     ({"distill.kind": "guided"}, r"set model.dit.guidance_embed=True"),
     ({"model.dit.guidance_embed": True}, r"guidance_embed=True is for distill.kind='guided'"),
     ({"sample.spacing": "uniform"}, r"unknown sample.spacing 'uniform'; allowed"),
+    ({"diffusion.target": "eps"}, r"target='eps': a few-step student must predict x0 near t = 1"),
 ])
 def test_bad_distillation_settings_are_refused_before_any_device_work(teacher, over, match):
   with pytest.raises(ConfigError, match=match):

@@ -22,6 +22,7 @@ Outputs in WORKDIR: checkpoints/ (the student's TrainState of the current round;
 round's student EMA, a workdir --mode=sample and --mode=eval read), samples_<n>steps.png (each
 student's grid), samples.png (the last one's) and distill.json (rounds, their steps and wall time).
 
+Preemption: SIGTERM/SIGINT end the run after the current step with a saved checkpoint (as training).
 Determinism: step k draws from fold_in(seed key, k), the round and its teacher follow from the step,
 and the teacher of round r > 0 is re-read from students/<n_{r-1}> (checksummed), so a run resumed
 from any checkpoint, mid-round or at a round's end, is bit-identical to an uninterrupted one.
@@ -48,6 +49,7 @@ from diffusax.programs.settings import ConfigError, Settings
 from diffusax.sampling import generate
 from diffusax.training import distill_step
 from diffusax.training import optimizer as optim_lib
+from diffusax.training import preemption
 from diffusax.training import state as state_lib
 
 STUDENTS = "students"
@@ -68,6 +70,10 @@ def check(s: Settings) -> None:
   if s.model_kwargs.get("learn_sigma"):
     raise ConfigError(f"model.{s.model_name}.learn_sigma=True: distillation trains deterministic students; "
                       "distil a model without learned variances")
+  if d.kind != "consistency" and s.loss.target in ("eps", "score"):
+    raise ConfigError(f"distill.kind={d.kind!r} with diffusion.target={s.loss.target!r}: a few-step student must "
+                      "predict x0 near t = 1, where x0 = (x - sigma eps) / alpha divides by alpha ~ 0 (Salimans & Ho "
+                      "2022, sec. 4); distil a teacher trained for 'v', 'x0' or 'flow'")
   if s.mesh_strategy != "mesh":
     raise ConfigError("--mode=distill runs with mesh.strategy='mesh'")
 
@@ -267,47 +273,54 @@ def _loop(r: _Run, state, teacher, it, ckpt, workdir: str, logger: Logger, plan:
                                  "kind": setup_lib.DISTILL_KIND, "distill": plan,
                                  "round": k, "student_steps": r.rounds[k]})
 
-  for k in range(int(state.step) // per, len(r.rounds)):
-    n, lo, hi = r.rounds[k], k * per, (k + 1) * per
-    if k > 0 and int(state.step) == lo:  # Round k - 1 just ended (here or before a restart).
-      teacher_dir = _write_student(r, workdir, k - 1, state, logger)
-      teacher, _ = setup_lib.restore_ema(u, teacher_dir, -1, logger)
-      state = r.next_round(state)
-    elif teacher is None:  # Resumed mid-round: the round's teacher is re-read.
-      wd, ts = (d.teacher_workdir, d.teacher_step) if k == 0 else (students_dir(workdir, r.names[k - 1]), -1)
-      teacher, _ = setup_lib.restore_ema(r.teacher_setup if k == 0 else u, wd, ts, logger)
-    what = {"consistency": f"consistency student on {n} noise levels",
-            "guided": f"w-conditioned student of the CFG teacher, w in {list(d.guidance_range)}"}.get(
-                r.names[k], f"student of {n} steps")
-    logger.info(f"round {k + 1}/{len(r.rounds)}: {what}, steps {lo}..{hi}")
-    t0, wall0, step0 = time.perf_counter(), time.perf_counter(), int(state.step)
-    start = step0
-    nn_, lo_ = jnp.int32(n), jnp.int32(lo)
-    for step in range(int(state.step), hi):
-      state, metrics = (r.first_step if k == 0 else r.step)(state, teacher, setup_lib.to_global(
-          {k_: v for k_, v in next(it).items() if k_ in ("x", "label")}, u.mesh), nn_, lo_)
-      done = step + 1
-      if done % s.train.log_every == 0 or done == hi:
-        m = {key: float(v) for key, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        rate = (done - step0) / max(now - t0, 1e-9)
-        m.update(round=k + 1, student_steps=n, steps_per_s=rate, images_per_s=rate * s.train.batch_size)
-        logger.progress(done, total, m, eta_s=(total - done) / max(rate, 1e-9))
-        t0, step0 = now, done
-      if done % s.train.ckpt_every == 0 or done == hi:
-        save(state, k)
-    ckpt.wait()
-    entry = log["rounds"].get(r.names[k], {})
-    entry.update(round=k + 1, steps=per, loss_last=float(metrics["loss"]))
-    # The process that ended the round: a round resumed mid-way counts from its restart.
-    entry["wall_s"] = time.perf_counter() - wall0
-    entry["steps_timed"] = hi - start
-    log["rounds"][r.names[k]] = entry
-    for m in (CONSISTENCY_GRIDS if d.kind == "consistency" else (n,)):
-      entry.setdefault("samples", {})[str(m)] = _grid(r, gen, state.ema_params[0], m, workdir, logger,
-                                                      int(state.step))
-    if jax.process_index() == 0:
-      storage.commit(info, json.dumps({**log, "plan": plan}, indent=1).encode(), marker=False)
+  with preemption.StopRequest(multi_process=jax.process_count() > 1) as stop:
+    for k in range(int(state.step) // per, len(r.rounds)):
+      n, lo, hi = r.rounds[k], k * per, (k + 1) * per
+      if k > 0 and int(state.step) == lo:  # Round k - 1 just ended (here or before a restart).
+        teacher_dir = _write_student(r, workdir, k - 1, state, logger)
+        teacher, _ = setup_lib.restore_ema(u, teacher_dir, -1, logger)
+        state = r.next_round(state)
+      elif teacher is None:  # Resumed mid-round: the round's teacher is re-read.
+        wd, ts = (d.teacher_workdir, d.teacher_step) if k == 0 else (students_dir(workdir, r.names[k - 1]), -1)
+        teacher, _ = setup_lib.restore_ema(r.teacher_setup if k == 0 else u, wd, ts, logger)
+      what = {"consistency": f"consistency student on {n} noise levels",
+              "guided": f"w-conditioned student of the CFG teacher, w in {list(d.guidance_range)}"}.get(
+                  r.names[k], f"student of {n} steps")
+      logger.info(f"round {k + 1}/{len(r.rounds)}: {what}, steps {lo}..{hi}")
+      t0, wall0, step0 = time.perf_counter(), time.perf_counter(), int(state.step)
+      start = step0
+      nn_, lo_ = jnp.int32(n), jnp.int32(lo)
+      for step in range(int(state.step), hi):
+        state, metrics = (r.first_step if k == 0 else r.step)(state, teacher, setup_lib.to_global(
+            {k_: v for k_, v in next(it).items() if k_ in ("x", "label")}, u.mesh), nn_, lo_)
+        done = step + 1
+        if done % s.train.log_every == 0 or done == hi:
+          m = {key: float(v) for key, v in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          rate = (done - step0) / max(now - t0, 1e-9)
+          m.update(round=k + 1, student_steps=n, steps_per_s=rate, images_per_s=rate * s.train.batch_size)
+          logger.progress(done, total, m, eta_s=(total - done) / max(rate, 1e-9))
+          t0, step0 = now, done
+        stopping = stop.requested(done)
+        if done % s.train.ckpt_every == 0 or done == hi or stopping:
+          save(state, k)
+        if stopping and done != hi:
+          ckpt.wait()
+          logger.info(f"stopped by signal {stop.signum} after step {done}; checkpoint saved in {ckpt.directory}; "
+                      "run again to resume")
+          return {**log, "plan": plan, "step": done, "preempted": True}
+      ckpt.wait()
+      entry = log["rounds"].get(r.names[k], {})
+      entry.update(round=k + 1, steps=per, loss_last=float(metrics["loss"]))
+      # The process that ended the round: a round resumed mid-way counts from its restart.
+      entry["wall_s"] = time.perf_counter() - wall0
+      entry["steps_timed"] = hi - start
+      log["rounds"][r.names[k]] = entry
+      for m in (CONSISTENCY_GRIDS if d.kind == "consistency" else (n,)):
+        entry.setdefault("samples", {})[str(m)] = _grid(r, gen, state.ema_params[0], m, workdir, logger,
+                                                        int(state.step))
+      if jax.process_index() == 0:
+        storage.commit(info, json.dumps({**log, "plan": plan}, indent=1).encode(), marker=False)
   _write_student(r, workdir, len(r.rounds) - 1, state, logger)
   log.update(plan=plan, step=int(state.step), final_student=students_dir(workdir, r.names[-1]))
   if jax.process_index() == 0:

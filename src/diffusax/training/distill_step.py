@@ -8,7 +8,7 @@ teacher checkpoint). `n` is the student's step count of the round and
 so every round reuses one compiled step. EMAs warm up from the round's start.
 
 At global step k every draw comes from fold_in(base_key, k), split four ways
-(time, noise, label dropout, spare), over the global batch:
+(time, noise, label dropout, guidance weight), over the global batch:
 
   * progressive (Salimans & Ho 2022, Algorithm 2): i ~ U{1..n}, t = t_max i / n, the student's
     x0 prediction at z_t regressed onto `core.distill.progressive_target` (two teacher DDIM
@@ -22,8 +22,8 @@ At global step k every draw comes from fold_in(base_key, k), split four ways
     f_target(x_hat_{t_j}, t_j), x_hat_{t_j} one teacher ODE step from z_{t_{j+1}}, with f_target
     the student's last EMA (ema_params[-1], decay `target_decay`, not warmed up).
 
-Labels are dropped to the null class with the teacher's CFG probability, so a student of a
-conditional teacher keeps its unconditional branch.
+Labels are dropped to the null class with `label_dropout` (the program passes the teacher's CFG
+probability, so a student of a conditional teacher keeps its unconditional branch; 0 for guided).
 """
 from __future__ import annotations
 
