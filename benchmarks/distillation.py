@@ -10,7 +10,7 @@ reference: half A of the real digits; half B's distance to it is the real-data f
 (w = 0: the conditional model, one network call per step), the same seed for every row:
 
   * the teacher with DDIM, DPM-Solver++(2M), DPM-Solver++(3M) and UniPC(bh2, order 2) at 1, 2, 4, 8
-    network calls, and DDIM at 64 (the progressive teacher's own grid);
+    network calls on their default grids, DDIM on the students' trailing grid, and DDIM at 64;
   * each progressive student (students/<n>) with its n DDIM steps on the trailing grid;
   * the consistency student with 1, 2, 4 and 8 steps of the multistep consistency sampler;
   * guided (w = 1, the README grid's weight): the teacher with CFG (2 network calls per step) by DDIM
@@ -48,7 +48,7 @@ def main():
   ap.add_argument("--out", required=True)
   ap.add_argument("--data_dir", default="")
   ap.add_argument("--num_samples", type=int, default=900)
-  ap.add_argument("--parts", default="teacher,progressive,consistency,guided",
+  ap.add_argument("--parts", default="teacher,teacher_trailing,progressive,consistency,guided",
                   help="which rows to (re)measure; the others are kept from an existing distillation.json")
   a = ap.parse_args()
   import digits
@@ -95,6 +95,9 @@ def main():
       for n in CALLS:
         measure("teacher", a.teacher, method, n)
     measure("teacher", a.teacher, "ddim", 64)
+  if "teacher_trailing" in parts:  # The students' own grid, t_i = t_max (1 - i / n), for the teacher too.
+    for n in CALLS:
+      measure("teacher", a.teacher, "ddim", n, "trailing")
   if "progressive" in parts:
     for n in CALLS:
       measure("progressive", os.path.join(a.progressive, "students", str(n)), "ddim", n, "trailing")
@@ -122,7 +125,7 @@ def main():
                         "history_steps_per_s": [h.get("steps_per_s") for h in cost.get("teacher", {}).get("history", [])]},
       "distill_rounds": {k: v.get("rounds") for k, v in cost.items() if k != "teacher"}}
   path = os.path.join(HERE, "distillation.json")
-  key = lambda r: (r["model"], r["method"], r["steps"], r["w"])
+  key = lambda r: (r["model"], r["method"], r["spacing"], r["steps"], r["w"])
   if os.path.exists(path):  # Rows of the parts not measured this time are kept.
     mine = {key(r) for r in rows}
     rows = [r for r in json.load(open(path))["rows"] if key(r) not in mine] + rows
