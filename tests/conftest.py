@@ -4,6 +4,10 @@
 * XLA:CPU convolution/dot fusions sent back to Eigen: about 2x faster conv
   training steps on CPU (measured in benchmarks/README.md; the same flag as
   `runtime.xla_cpu_eigen_convs` in diffusax/main.py); numerics are unchanged.
+* XLA:CPU's LLVM back end at optimisation level 0 without its expensive passes (the options the
+  training program's one-off state init compiles with, programs/train.py INIT_COMPILER_OPTIONS):
+  compiles dominate the suite's time and its arrays are small, so the suite runs about a third
+  faster; results may differ from the default level in the last bits, which no test compares across.
 * A persistent compilation cache in a fresh temporary directory for this test
   session (inherited by the subprocesses the tests start), so a program a test
   compiles again in a restarted or second process is loaded, not recompiled
@@ -17,6 +21,8 @@ if "xla_force_host_platform_device_count" not in _flags:
   _flags += " --xla_force_host_platform_device_count=8"
 if "xla_cpu_experimental_ynn_fusion_type" not in _flags:
   _flags += " --xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"
+if "xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -38,7 +44,7 @@ def tiny_digits(tmp_path_factory):
 
   Shared by the training-program and evaluation tests of tests/test_eval.py: one U-Net compile for
   all, on one pytest-xdist worker (`--dist loadfile`: the users of a shared run live in one module).
-  Returns dict(data_dir, workdir, result, args) where `args` are the equivalent
+  Returns dict(data_dir, workdir, result, args, config) where `args` are the equivalent
   command-line overrides for `python -m diffusax.main`.
   """
   import sys
@@ -64,7 +70,7 @@ def tiny_digits(tmp_path_factory):
   fmt = lambda v: repr(tuple(v)) if isinstance(v, tuple) else str(v)
   args = ["--config=configs/digits.py", f"--workdir={wd}", f"--config.data.data_dir={data_dir}"] + \
       [f"--config.{k}={fmt(v)}" for k, v in over.items()]
-  return {"data_dir": data_dir, "workdir": wd, "result": result, "args": args}
+  return {"data_dir": data_dir, "workdir": wd, "result": result, "args": args, "config": c}
 
 
 @pytest.fixture(scope="session")

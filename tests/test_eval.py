@@ -154,16 +154,15 @@ def test_digits_classifier_is_cached_and_accurate(data_dir):
 
 
 def test_eval_mode_on_tiny_digits(tiny_digits):
-  import subprocess
+  """--mode=eval in this process (the command line's eval runs in tests/test_gcs.py, into gs://)."""
+  from diffusax.programs import evaluate
+  from diffusax.programs import settings as settings_lib
   wd = tiny_digits["workdir"]  # 4 training steps of the tiny digits DiT (tests/conftest.py).
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  run = lambda extra: subprocess.run([sys.executable, "-m", "diffusax.main", *tiny_digits["args"], *extra],
-                                     capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-  r = run(["--mode=eval", "--config.eval.num_samples=40", "--config.sample.shard_size=24",
-           "--config.eval.bpd_examples=8", "--config.eval.vlb_steps=6", "--config.eval.ode_steps=3",
-           "--config.eval.ode_solver=euler",
-           "--config.sample.guidance_scale=2.0"])
-  assert r.returncode == 0, r.stderr[-3000:]
+  c = tiny_digits["config"].copy_and_resolve_references()
+  for k, v in {"num_samples": 40, "bpd_examples": 8, "vlb_steps": 6, "ode_steps": 3, "ode_solver": "euler"}.items():
+    c.eval[k] = v
+  c.sample.shard_size, c.sample.guidance_scale = 24, 2.0
+  evaluate.run(settings_lib.parse(c), wd)
   out = json.load(open(os.path.join(wd, "eval", "eval_0000004.json")))
   m = out["metrics"]
   assert set(m) == {"fd_digits", "fd_digits_real_baseline", "kid_digits", "kid_digits_real_baseline",

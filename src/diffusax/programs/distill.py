@@ -156,7 +156,16 @@ def _plan(s: Settings) -> dict:
   """What a checkpoint of this distillation must agree with to be resumed."""
   d = s.distill
   return {"kind": d.kind, "rounds": list(d.rounds), "steps_per_round": d.steps_per_round,
-          "teacher": f"{storage.resolve(d.teacher_workdir)}@{d.teacher_step}"}
+          "teacher": f"{storage.resolve(d.teacher_workdir)}@{teacher_step(s)}"}
+
+
+def teacher_step(s: Settings) -> int:
+  """The teacher's checkpoint step: distill.teacher_step, or the latest one there now (-1). Recorded in the
+  plan, so a run resumed after the teacher's run has written more checkpoints keeps its teacher."""
+  d = s.distill
+  if d.teacher_step >= 0:
+    return d.teacher_step
+  return max(int(n) for n in storage.listdir(storage.join(d.teacher_workdir, "checkpoints")) if n.isdigit())
 
 
 def _write_student(r: _Run, workdir: str, k: int, state, logger: Logger) -> str:
@@ -249,7 +258,8 @@ def run(s: Settings, workdir: str, devices=None) -> dict:
       logger.info(f"resumed the distillation at step {int(state.step)} from {ckpt.directory}")
       teacher = None
     else:
-      teacher, tstep = setup_lib.restore_ema(r.teacher_setup, d.teacher_workdir, d.teacher_step, logger)
+      teacher, tstep = setup_lib.restore_ema(r.teacher_setup, d.teacher_workdir, int(plan["teacher"].rsplit("@", 1)[1]),
+                                             logger)
       logger.info(f"teacher: {d.teacher_workdir} step {tstep}")
       state = r.fresh(teacher)
     summary = _loop(r, state, teacher, it, ckpt, workdir, logger, plan)
@@ -281,7 +291,8 @@ def _loop(r: _Run, state, teacher, it, ckpt, workdir: str, logger: Logger, plan:
         teacher, _ = setup_lib.restore_ema(u, teacher_dir, -1, logger)
         state = r.next_round(state)
       elif teacher is None:  # Resumed mid-round: the round's teacher is re-read.
-        wd, ts = (d.teacher_workdir, d.teacher_step) if k == 0 else (students_dir(workdir, r.names[k - 1]), -1)
+        wd, ts = ((d.teacher_workdir, int(plan["teacher"].rsplit("@", 1)[1])) if k == 0
+                  else (students_dir(workdir, r.names[k - 1]), -1))
         teacher, _ = setup_lib.restore_ema(r.teacher_setup if k == 0 else u, wd, ts, logger)
       what = {"consistency": f"consistency student on {n} noise levels",
               "guided": f"w-conditioned student of the CFG teacher, w in {list(d.guidance_range)}"}.get(
