@@ -186,24 +186,6 @@ def _write_student(r: _Run, workdir: str, k: int, state, logger: Logger) -> str:
   return out
 
 
-def make_grid_generator(u: setup_lib.ModelSetup, max_steps: int):
-  """Jitted gen(params, indices, labels, scale, key, n) -> samples: sample.method with a traced step count
-  n <= max_steps (`samplers.sample`'s max_steps), so every student's grid shares one compile."""
-  from diffusax.core import samplers
-  from diffusax.nn import bridge
-  s = u.s
-  options = generate.sampler_options(s.sample.method, s.sample.eta, s.sample.spacing, s.sample.order)
-
-  def gen(params, indices, labels, scale, key, n):
-    model, cond = bridge.condition(u.module, bridge.model(u.module, {"params": params}, s.loss.target, u.schedule),
-                                   labels, scale, s.loss.null_class)
-    x_T = generate.initial_noise(jax.random.fold_in(key, 0), indices, u.sample_shape, model.schedule.prior_std)
-    return samplers.sample(model, x_T, key=jax.random.fold_in(key, 1), method=s.sample.method, num_steps=n,
-                           max_steps=max_steps, cond=cond, options=options, clip_x0=s.sample.clip_x0 or None)
-
-  return jax.jit(gen)
-
-
 def _grid(r: _Run, gen, params, n: int, workdir: str, logger: Logger, step: int) -> str:
   """The student's sample grid with n steps of sample.method (one row per class)."""
   u, s = r.u, r.u.s
@@ -225,8 +207,12 @@ def _grid(r: _Run, gen, params, n: int, workdir: str, logger: Logger, step: int)
 def run(s: Settings, workdir: str, devices=None) -> dict:
   """Runs (or resumes) the distillation of the settings into `workdir`; returns the summary of distill.json."""
   check(s)
-  if len(pipeline.open_source(s.data.name, s.data.split, s.data.data_dir)) < s.train.batch_size:
-    raise ConfigError(f"train.batch_size {s.train.batch_size} exceeds the training examples")
+  try:
+    source = pipeline.open_source(s.data.name, s.data.split, s.data.data_dir)
+  except pipeline.DataError as e:  # Other failures keep their own type and traceback.
+    raise ConfigError(f"data: {e}") from None
+  if len(source) < s.train.batch_size:
+    raise ConfigError(f"train.batch_size {s.train.batch_size} exceeds the {len(source)} training examples")
   r = _build(s, devices)
   u, s = r.u, r.u.s
   d = s.distill
@@ -237,7 +223,6 @@ def run(s: Settings, workdir: str, devices=None) -> dict:
   storage.makedirs(workdir)
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   ckpt = setup_lib.open_checkpointer(u, workdir, logger)
-  source = pipeline.open_source(s.data.name, s.data.split, s.data.data_dir)
   it = pipeline.Loader(source, s.train.batch_size, seed=s.seed, process_index=jax.process_index(),
                        process_count=jax.process_count(),
                        transform=pipeline.make_transform(u.data.transform, s.data, train=True),
@@ -275,7 +260,10 @@ def _loop(r: _Run, state, teacher, it, ckpt, workdir: str, logger: Logger, plan:
   per, total = r.per_round, r.per_round * len(r.rounds)
   info = storage.join(workdir, "distill.json")
   counts = CONSISTENCY_GRIDS if d.kind == "consistency" else tuple(max(n, 1) for n in r.rounds)
-  gen = make_grid_generator(u, max(counts))
+  spec = generate.SamplerSpec(s.sample.method, max(counts), s.sample.eta, s.sample.clip_x0, s.sample.spacing,
+                              s.sample.order)
+  gen = generate.make_generate(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class,
+                               sample_shape=u.sample_shape, max_steps=max(counts))
   log = storage.read_json(info) if storage.exists(info) else {"rounds": {}}
 
   def save(st, k):

@@ -17,6 +17,8 @@ from diffusax.checkpoint import NEUTRAL_KWARGS  # options left out of signatures
 from diffusax.core import schedules
 from diffusax.core import targets as targets_lib
 from diffusax.programs.defaults import base_config
+from diffusax.programs.distill_settings import DistillSettings, parse_distill  # noqa: F401 - part of this API
+from diffusax.programs.errors import ConfigError, positive as _positive  # noqa: F401 - part of this API
 from diffusax.training.optimizer import OptimConfig
 from diffusax.training.step import LossConfig
 
@@ -25,10 +27,6 @@ MESH_STRATEGIES = ("mesh", "pmap")  # How the train step is parallelised (see pr
 # Network options that change how it computes, not its parameters: a checkpoint written with one
 # value restores with another.
 COMPUTE_ONLY_KWARGS = ("remat",)
-
-
-class ConfigError(ValueError):
-  """A config that cannot run; the message says what was given and what is allowed."""
 
 
 def _flat_keys(c, prefix="") -> dict[str, Any]:
@@ -106,35 +104,6 @@ class SampleSettings:
   def interval(self) -> tuple | None:
     """The guidance interval, or None when it is all of [0, 1] (no masking traced)."""
     return None if tuple(self.guidance_interval) == (0.0, 1.0) else tuple(self.guidance_interval)
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillSettings:
-  """--mode=distill (programs/distill.py); see programs/defaults.py for each field."""
-  kind: str = "progressive"
-  teacher_workdir: str = ""
-  teacher_step: int = -1
-  teacher_steps: int = 64
-  student_steps: int = 1
-  steps_per_round: int = 1000
-  reset_optimizer: bool = True
-  num_levels: int = 18
-  teacher_solver: str = "heun"
-  metric: str = "l2"
-  target_decay: float = 0.95
-  guidance_range: tuple = (0.0, 2.0)
-
-  @property
-  def rounds(self) -> tuple:
-    """The student step count of each round: (teacher_steps / 2, ..., student_steps); guided: the
-    w-conditioned stage (sampled with teacher_steps) first; consistency: (num_levels,)."""
-    if self.kind == "consistency":
-      return (self.num_levels,)
-    out, n = [self.teacher_steps] if self.kind == "guided" else [], self.teacher_steps
-    while n > self.student_steps:
-      n //= 2
-      out.append(n)
-    return tuple(out)
 
 
 SWEEP_DEFAULT = (0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.18, 0.21, 0.25)
@@ -220,12 +189,6 @@ def _jsonable(v):
     return {k: _jsonable(x) for k, x in sorted(v.items())}
   if isinstance(v, (tuple, list)):
     return [_jsonable(x) for x in v]
-  return v
-
-
-def _positive(name, v, allow_zero=False):
-  if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (v == 0 and not allow_zero):
-    raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
   return v
 
 
@@ -321,7 +284,7 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       class_conditional=bool(c.model.class_conditional), optim=optim, ema_decays=decays,
       ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape),
       mesh_strategy=c.mesh.strategy, eval=ev, mesh_ordered_reduction=bool(c.mesh.ordered_reduction),
-      ema=_parse_ema(c), learn_endpoints=bool(c.diffusion.learn_endpoints), distill=_parse_distill(c))
+      ema=_parse_ema(c), learn_endpoints=bool(c.diffusion.learn_endpoints), distill=parse_distill(c))
 
 
 def _check_vdm(c, loss: LossConfig) -> None:
@@ -356,43 +319,6 @@ def _check_vdm(c, loss: LossConfig) -> None:
                       f"diffusion.weighting='uniform', got {loss.weighting!r}")
   if c.mesh.ordered_reduction:
     raise ConfigError("diffusion.objective='vdm' does not support mesh.ordered_reduction=True")
-
-
-def _parse_distill(c) -> DistillSettings:
-  d = c.distill
-  kinds = ("progressive", "guided", "consistency")
-  if d.kind not in kinds:
-    raise ConfigError(f"unknown distill.kind {d.kind!r}; allowed: {list(kinds)}")
-  if d.teacher_solver not in ("ddim", "heun"):
-    raise ConfigError(f"distill.teacher_solver must be 'ddim' or 'heun', got {d.teacher_solver!r}")
-  if d.metric not in ("l2", "pseudo_huber"):
-    raise ConfigError(f"distill.metric must be 'l2' or 'pseudo_huber', got {d.metric!r}")
-  if not 0.0 <= float(d.target_decay) < 1.0:
-    raise ConfigError(f"distill.target_decay must lie in [0, 1), got {d.target_decay!r}")
-  teacher, student = _positive("distill.teacher_steps", d.teacher_steps), _positive("distill.student_steps", d.student_steps)
-  rng = tuple(float(v) for v in d.guidance_range)
-  if len(rng) != 2 or not 0.0 <= rng[0] <= rng[1]:
-    raise ConfigError(f"distill.guidance_range must be (w_min, w_max) with 0 <= w_min <= w_max, got {d.guidance_range!r}")
-  if d.kind == "guided":
-    if not c.model[c.model.name].get("guidance_embed", False):
-      raise ConfigError(f"distill.kind='guided' trains a w-conditioned student: set model.{c.model.name}.guidance_embed=True "
-                        "(the teacher is read without it)")
-    if not c.model.class_conditional:
-      raise ConfigError("distill.kind='guided' distils classifier-free guidance: the teacher must be class-conditional")
-  elif c.model[c.model.name].get("guidance_embed", False):
-    raise ConfigError(f"model.{c.model.name}.guidance_embed=True is for distill.kind='guided' students")
-  if d.kind in ("progressive", "guided") and (teacher <= student or teacher % student or (teacher // student) & (teacher // student - 1)):
-    raise ConfigError(f"distill.teacher_steps={teacher} must be distill.student_steps={student} times a power of 2 "
-                      "(>= 2): each round halves the step count")
-  levels = _positive("distill.num_levels", d.num_levels)
-  if levels < 2:
-    raise ConfigError(f"distill.num_levels must be >= 2 (the Karras grid's noise levels), got {levels}")
-  return DistillSettings(kind=d.kind, teacher_workdir=str(d.teacher_workdir), teacher_step=int(d.teacher_step),
-                         teacher_steps=teacher, student_steps=student,
-                         steps_per_round=_positive("distill.steps_per_round", d.steps_per_round),
-                         reset_optimizer=bool(d.reset_optimizer), num_levels=levels,
-                         teacher_solver=d.teacher_solver, metric=d.metric, target_decay=float(d.target_decay),
-                         guidance_range=rng)
 
 
 def _parse_grid(c) -> dict:

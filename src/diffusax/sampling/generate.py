@@ -49,19 +49,21 @@ def initial_noise(key, indices, shape, prior_std):
 
 
 def make_generate(module, schedule, target: str, spec: SamplerSpec, *, null_class: int | None,
-                  sample_shape: tuple) -> Callable:
-  """Returns jitted gen(params, indices [N], labels [N] | None, scale, key) -> samples [N, *shape] float32."""
+                  sample_shape: tuple, max_steps: int | None = None) -> Callable:
+  """Returns jitted gen(params, indices [N], labels [N] | None, scale, key, n=None) -> samples [N, *shape]
+  float32. With `max_steps`, n (a traced int32 <= max_steps) replaces spec.num_steps, so every step count
+  shares one compile."""
   from diffusax.nn import bridge  # The only place this layer touches Flax.
 
   options = sampler_options(spec.method, spec.eta, spec.spacing, spec.order)
 
-  def gen(params, indices, labels, scale, key):
+  def gen(params, indices, labels, scale, key, n=None):
     model, cond = bridge.condition(module, bridge.model(module, {"params": params}, target, schedule), labels,
                                    scale, null_class)
     x_T = initial_noise(jax.random.fold_in(key, 0), indices, sample_shape, model.schedule.prior_std)
     return samplers.sample(model, x_T, key=jax.random.fold_in(key, 1), method=spec.method,
-                           num_steps=spec.num_steps, cond=cond, options=options,
-                           clip_x0=spec.clip_x0 or None)
+                           num_steps=spec.num_steps if n is None else n, max_steps=max_steps, cond=cond,
+                           options=options, clip_x0=spec.clip_x0 or None)
 
   return jax.jit(gen)
 
