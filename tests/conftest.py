@@ -97,7 +97,8 @@ def gcs():
   bucket `bkt`, and this process' environment pointed at it: gcsfs (etils.epath's gs://) by
   STORAGE_EMULATOR_HOST, tensorstore (orbax's arrays) by TENSORSTORE_GCS_HTTP_URL, array_record
   (google-cloud-cpp, TFDS reads) by CLOUD_STORAGE_EMULATOR_ENDPOINT. Skipped, with the reason, when
-  the emulator cannot start. Returns dict(url, env): `env` holds those variables for subprocesses."""
+  the dev packages (gcp-storage-emulator, gcsfs) are missing; an emulator that is installed but does not
+  start fails the test with its output. Returns dict(url, env): `env` holds those variables for subprocesses."""
   from gcs_emulator import start
   server, env = start()
   old = {k: os.environ.get(k) for k in env}

@@ -146,3 +146,24 @@ def test_open_source_says_which_failure_it_is(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="^a bug$") as e:
     pipeline.open_source("mnist", "train", d)
   assert not isinstance(e.value, pipeline.DataError)
+
+
+def test_describe_says_which_failure_it_is(tmp_path, monkeypatch):
+  """describe sorts TFDS' failures as open_source does (one helper, registry.tfds_builder): offline lookups."""
+  from diffusax.data import registry
+  d = str(tmp_path / "tfds")
+  with pytest.raises(registry.sources.DataError,
+                     match=r"^unknown dataset 'mnsit'; did you mean \['mnist'.*\(embedded: \['sklearn_digits'"):
+    registry.describe("mnsit", d)
+  with pytest.raises(registry.sources.DataError, match=r"^TFDS cannot construct dataset 'mnist:99\.0\.0': Dataset "
+                                                       r"mnist cannot be loaded at version 99\.0\.0, only: "):
+    registry.describe("mnist:99.0.0", d)
+  assert registry.describe("mnist", d).shape == (28, 28, 1)  # A known name needs no prepared data.
+  import tensorflow_datasets as tfds
+
+  def broken(name, data_dir):
+    raise PermissionError(13, "Permission denied", data_dir)
+
+  monkeypatch.setattr(tfds, "builder", broken)
+  with pytest.raises(PermissionError, match="Permission denied"):
+    registry.describe("mnist", d)

@@ -309,7 +309,7 @@ def test_vlb_loss_is_the_gaussian_kl_with_the_interpolated_variance_and_the_deco
   x_t = np.sqrt(abar[k])[:, None] * x0 + np.sqrt(1 - abar[k])[:, None] * rng.normal(size=(b, d))
   x0_hat = np.clip(x0 + 0.1 * rng.normal(size=(b, d)), -1, 1)
   v = rng.uniform(-1, 1, size=(b, d))
-  got = np.asarray(losses.vlb_loss(sched, x0, x_t, jnp.asarray(k / T, jnp.float32), x0_hat, v, dt=1.0 / T,
+  got = np.asarray(losses.vlb_loss(sched, x0_hat, v, x0, x_t, jnp.asarray(k / T, jnp.float32), dt=1.0 / T,
                                    decoder="discretized", num_bins=17))
 
   def mu(x0_, xt, kk):  # Ho et al. 2020, eq. 7

@@ -15,6 +15,7 @@ from diffusax import checkpoint as ckpt_lib
 from diffusax.parallel import distributed
 from diffusax.parallel import mesh as mesh_lib
 from diffusax.programs import settings as settings_lib
+from diffusax.programs import setup as setup_lib
 from diffusax.programs import train
 from diffusax.programs.settings import ConfigError
 
@@ -237,3 +238,18 @@ def test_program_names_the_parameters_fsdp_cannot_split(data_dir):
   line = u.sharding_summary
   assert line.startswith("parameter sharding on mesh {'data': 1, 'fsdp': 8}: 0 arrays sharded (0 B), ")
   assert "15 replicated because no dimension divides" in line and "['block_0_0']['kernel'] (36, 36) over fsdp" in line
+
+
+def test_strict_sharding_refuses_what_fsdp_cannot_split(data_dir):
+  # mesh.strict_sharding=True: the same network is refused at setup (abstract only), naming a parameter.
+  s = settings_lib.parse(_config(data_dir, **{"mesh.shape": (1, 8), "model.mlp.hidden": 36,
+                                              "mesh.strict_sharding": True}))
+  assert s.mesh_strict
+  with pytest.raises(ConfigError, match=r"^parameter \['block_0_0'\]\['bias'\] of shape \(36,\) \(logical axes "
+                                        r"\('mlp',\)\) must be sharded over mesh axis 'fsdp' of size 8, but none of "
+                                        r"its dimensions \[0\] divides by 8 \(mesh.strict_sharding=True refuses to "
+                                        r"replicate it\)$"):
+    setup_lib.model_setup(s)
+  # Widths that divide by 8 pass strict mode.
+  u = setup_lib.model_setup(settings_lib.parse(_config(data_dir, **{"mesh.shape": (1, 8), "mesh.strict_sharding": True})))
+  assert "0 replicated because no dimension divides" in u.sharding_summary

@@ -225,6 +225,15 @@ def test_every_network_option_is_a_command_line_flag_and_switching_network_works
   assert s.model_settings()["name"] == "dit" and s.model_settings()["kwargs"]["depth"] == 1
   with pytest.raises(Exception, match="widht"):
     _parse_flags("--config.model.unet.widht=3")
+  # An unknown option is refused naming the nearest valid key: by the flag parser on the command line,
+  # and by settings.check_keys in a config file (with its full dotted name).
+  with pytest.raises(Exception, match=r'hiden[\s\S]*Did you mean "hidden"'):
+    _parse_flags("--config.model.mlp.hiden=3")
+  c = _parse_flags()
+  with c.unlocked():
+    c.model.mlp.hiden = 3
+  with pytest.raises(ConfigError, match=r"unknown config key 'model.mlp.hiden'; did you mean \['model.mlp.hidden'"):
+    settings_lib.parse(c)
   with pytest.raises(ConfigError, match=r"unknown model.name 'vit'; allowed: \['dit', 'mlp', 'unet'\]"):
     settings_lib.parse(_parse_flags("--config.model.name=vit"))
 

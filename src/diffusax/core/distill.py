@@ -61,9 +61,10 @@ def truncated_snr_weight(schedule, t):
   return jnp.maximum(jnp.exp(schedule.log_snr(t)), 1.0)
 
 
-def progressive_loss(schedule, student_x0, target, t):
-  """Per-example loss [B]: max(SNR, 1) * mean over features of (x0_student - x~)^2."""
-  err = jnp.mean(jnp.reshape((student_x0 - target) ** 2, (student_x0.shape[0], -1)), axis=1)
+def progressive_loss(schedule, student_x0, x0_target, t):
+  """Per-example loss [B]: max(SNR, 1) * mean over features of (x0_student - x~)^2, x~ = x0_target [B, ...]
+  (the student's x0 target, e.g. `progressive_target`)."""
+  err = jnp.mean(jnp.reshape((student_x0 - x0_target) ** 2, (student_x0.shape[0], -1)), axis=1)
   return truncated_snr_weight(schedule, t) * err
 
 

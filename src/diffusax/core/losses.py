@@ -120,9 +120,11 @@ def diffusion_loss(schedule: Schedule, target: str, pred, x0, eps, t, *,
 # ---------------------------------------------------------------------------
 # The VLB term of a learned-variance model (improved DDPM, Nichol & Dhariwal 2021).
 
-def vlb_loss(schedule: Schedule, x0, x_t, t, x0_hat, var_interp, *, dt: float, decoder: str = "discretized",
+def vlb_loss(schedule: Schedule, x0_hat, var_interp, x0, x_t, t, *, dt: float, decoder: str = "discretized",
              num_bins: int = 256):
   """L_t [B] in bits per dimension for a learned-variance model at x_t, t (improved DDPM's L_vlb term).
+
+  Arguments as in every loss: the model's outputs (x0_hat, var_interp), the data (x0, x_t), t [B].
 
   For s = max(t - dt, 0) > 0: KL(q(x_s | x_t, x0) || N(mu(x_t, x0_hat), Sigma)), the model mean being
   the posterior mean with the model's x0 and log Sigma from `process.learned_variance_log_var`; for s = 0
@@ -185,7 +187,7 @@ def hybrid_loss(schedule: Schedule, target: str, out, x0, eps, t, *, dt: float, 
   x_t = process.q_sample(schedule, x0, t, eps)
   a, sg, da, ds = targets_lib.coefficients(schedule, jnp.asarray(t, F32))
   x0_hat = targets_lib.to_x0_eps(target, jax.lax.stop_gradient(pred.astype(F32)), x_t, a, sg, da, ds)[0]
-  vlb = vlb_loss(schedule, x0, x_t, t, x0_hat, var_interp, dt=dt, decoder=decoder, num_bins=num_bins) / dt
+  vlb = vlb_loss(schedule, x0_hat, var_interp, x0, x_t, t, dt=dt, decoder=decoder, num_bins=num_bins) / dt
   return simple + vlb_weight * vlb, {"simple": simple, "vlb": vlb}
 
 
@@ -200,7 +202,7 @@ def vlb_objective(schedule: Schedule, target: str, out, x0, eps, t, *, dt: float
   x_t = process.q_sample(schedule, x0, t, eps)
   a, sg, da, ds = targets_lib.coefficients(schedule, jnp.asarray(t, F32))
   x0_hat = targets_lib.to_x0_eps(target, pred.astype(F32), x_t, a, sg, da, ds)[0]
-  return vlb_loss(schedule, x0, x_t, t, x0_hat, var_interp, dt=dt, decoder=decoder, num_bins=num_bins) / dt
+  return vlb_loss(schedule, x0_hat, var_interp, x0, x_t, t, dt=dt, decoder=decoder, num_bins=num_bins) / dt
 
 
 # ---------------------------------------------------------------------------

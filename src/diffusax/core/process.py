@@ -13,6 +13,11 @@
 Time arrays `t` and `s` are scalars or of shape [B] (one time per example),
 broadcast over the trailing dimensions of the data. Schedule math is float32;
 results are cast back to the data dtype.
+
+Argument order follows the distribution as written: (schedule, the variables conditioned on, times,
+then the noise), e.g. q_sample(schedule, x0, t, eps) draws from q(x_t | x0) and posterior(schedule,
+x0, x_t, t, s) is q(x_s | x_t, x0). This differs on purpose from the losses (core/losses.py:
+schedule, names, predictions, data, t), which compare a model's output with the process.
 """
 from __future__ import annotations
 

@@ -49,22 +49,7 @@ def open_source(name: str, split: str, data_dir: str, *, cache_max_bytes: int = 
   elif (prepared := registry.prepared_builder(name, data_dir)) is not None:  # python -m diffusax.data.prepare
     builder = prepared
   else:
-    import tensorflow_datasets as tfds
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-      import difflib
-      near = difflib.get_close_matches(name.split(":")[0].split("/")[0], list(EMBEDDED) + tfds.list_builders(with_community_datasets=False),
-                                       n=3, cutoff=0.6)
-      raise DataError(f"unknown dataset {name!r}" + (f"; did you mean {near}?" if near else "")
-                      + f" (embedded: {list(EMBEDDED)}; others are looked up in TFDS' registry)") from None
-    except (AssertionError, ValueError) as e:  # TFDS: "Failed to construct dataset ...: <reason>".
-      text = " ".join(str(e).split())
-      if not text.startswith("Failed to construct dataset"):
-        raise
-      reason = text.split('}": ', 1)[-1]
-      raise DataError(f"TFDS cannot construct dataset {name!r}: "
-                      + (reason if len(reason) <= 400 else reason[:400] + " ...")) from None
+    builder = registry.tfds_builder(name, data_dir)  # DataError: unknown, or TFDS cannot construct it.
     if not builder.is_prepared():
       raise DataError(
           f"dataset {name!r} is not prepared in {data_dir}. Prepare it once (needs network, and TensorFlow "

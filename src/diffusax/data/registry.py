@@ -3,6 +3,7 @@
     EMBEDDED[name] -> Embedded        "sklearn_digits", "photos", "photos64", "toy_gmm2d"
     prepared_builder(name, data_dir) -> builder | None   a folder of images built by data/prepare.py
     build_embedded(make, data_dir) -> builder            an embedded TFDS set, built on first use (also on gs://)
+    tfds_builder(name, data_dir) -> builder   TFDS' builder of a registered name, or DataError saying why not
     describe(name, data_dir) -> Description   shape, classes, transform and eval features of any dataset
 
 An entry gives the dataset's example shape (the model input x of one example),
@@ -125,6 +126,32 @@ def prepared_builder(name: str, data_dir: str):
   return tfds.builder_from_directory(max(found, key=lambda d: tuple(int(v) for v in d.name.split("."))))
 
 
+def tfds_builder(name: str, data_dir: str):
+  """TFDS' builder of registered dataset `name` (name[:version], name/config[:version]) in data_dir.
+
+  The builder comes from TFDS' registry (no network; the data may not be prepared). Raises DataError
+  saying which failure it is: an unknown name (with the nearest embedded or registered names) or a
+  name TFDS cannot construct (a bad version or config, with TFDS' reason). Any other failure
+  propagates unchanged.
+  """
+  import tensorflow_datasets as tfds
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    import difflib
+    known = list(EMBEDDED) + tfds.list_builders(with_community_datasets=False)
+    near = difflib.get_close_matches(name.split(":")[0].split("/")[0], known, n=3, cutoff=0.6)
+    raise sources.DataError(f"unknown dataset {name!r}" + (f"; did you mean {near}?" if near else "")
+                            + f" (embedded: {list(EMBEDDED)}; others are looked up in TFDS' registry)") from None
+  except (AssertionError, ValueError) as e:  # TFDS: "Failed to construct dataset ...: <reason>".
+    text = " ".join(str(e).split())
+    if not text.startswith("Failed to construct dataset"):
+      raise
+    reason = text.split('}": ', 1)[-1]
+    raise sources.DataError(f"TFDS cannot construct dataset {name!r}: "
+                            + (reason if len(reason) <= 400 else reason[:400] + " ...")) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Description:
   """What a program needs to know about a dataset before reading any example."""
@@ -138,20 +165,16 @@ class Description:
 def describe(name: str, data_dir: str) -> Description:
   """Shape, classes, transform and eval features of an embedded or a TFDS dataset (its info only).
 
-  TFDS datasets must have an 'image' feature of fixed shape; raises DataError otherwise.
+  TFDS datasets must have an 'image' feature of fixed shape; raises DataError otherwise, and for a
+  name TFDS does not know or cannot construct (`tfds_builder`).
   """
   entry = EMBEDDED.get(name)
   if entry is not None:
     return Description(name, tuple(entry.shape), entry.num_classes, entry.transform, entry.features)
-  import tensorflow_datasets as tfds
-  try:
-    builder = prepared_builder(name, data_dir)
-    if builder is None:
-      builder = tfds.builder(name, data_dir=storage.resolve(data_dir))
-    feats = builder.info.features
-  except Exception as e:  # noqa: BLE001 - TFDS raises DatasetNotFoundError and friends.
-    raise sources.DataError(f"unknown dataset {name!r}: TFDS says {type(e).__name__}: {str(e).splitlines()[0]}. "
-                     f"Embedded datasets: {list(EMBEDDED)}") from None
+  builder = prepared_builder(name, data_dir)
+  if builder is None:
+    builder = tfds_builder(name, storage.resolve(data_dir))
+  feats = builder.info.features
   if "image" not in feats or any(d is None for d in feats["image"].shape):
     raise sources.DataError(f"dataset {name!r} has no 'image' feature of fixed shape; its features: {list(feats)}")
   ncls = feats["label"].num_classes if "label" in feats else None
