@@ -2,7 +2,8 @@
 
     python -m diffusax.main --config=configs/digits.py --workdir=runs/digits [--config.train.num_steps=100 ...]
 
-Modes (--mode): `train` (default; resumes when the workdir has a checkpoint), `sample`,
+Modes (--mode): `train` (default; resumes when the workdir has a checkpoint; a config with
+stage='autoencoder' trains latent diffusion's autoencoder, programs/autoencoder.py), `sample`,
 `eval`, `phema` and `phema_sweep` (post-hoc EMA; programs/phema.py), `distill` (few-step
 students of a trained model; programs/distill.py). Flags and
 config errors are reported on one line (what was wrong, what is allowed) with
@@ -207,7 +208,13 @@ def main(argv) -> None:
     _error(str(e))
   try:
     s = settings_lib.parse(config)
-    if FLAGS.mode == "train":
+    if s.stage == "autoencoder":  # Latent diffusion's stage 1: train or evaluate the autoencoder.
+      from diffusax.programs import autoencoder
+      if FLAGS.mode not in ("train", "eval"):
+        _error(f"--mode={FLAGS.mode} is for diffusion models; an autoencoder (stage='autoencoder') has "
+               "--mode=train and --mode=eval")
+      (autoencoder.train if FLAGS.mode == "train" else autoencoder.evaluate)(s, FLAGS.workdir)
+    elif FLAGS.mode == "train":
       from diffusax.programs import train
       evaluator = None
       if s.train.full_eval:  # The training loop gets the evaluator from here; it never imports evaluate.

@@ -11,6 +11,8 @@ num_classes the null class, or None. Outputs are float32 with the shape of x
   InputShapeError / OptionError      (ValueErrors) inputs of a shape the network cannot take /
                                      constructor options that contradict each other
   bridge.denoiser / classifier_log_prob   (module, variables) -> core callables
+  AutoencoderKL / PatchDiscriminator  latent-diffusion KL autoencoder (diffusers layout; weights via
+                                     autoencoder_weights.load_diffusers) and PatchGAN discriminator
 
 Parameters carry logical axis names: `init` returns `nn.LogicallyPartitioned`
 boxes; `apply` takes boxed or plain variables; `unbox(variables)` strips the
@@ -30,7 +32,9 @@ from __future__ import annotations
 import dataclasses
 
 from diffusax.nn import bridge
+from diffusax.nn.autoencoder import AutoencoderKL
 from diffusax.nn.classifier import NoisyClassifier
+from diffusax.nn.discriminator import PatchDiscriminator
 from diffusax.nn.dit import DIT_CONFIGS, DiT
 from diffusax.nn.layers import LOGICAL_AXES, InputShapeError, OptionError, count_params, logical_spec, unbox
 from diffusax.nn.mlp import MLPDenoiser
@@ -71,4 +75,5 @@ def build(name: str, **kwargs):
 
 
 __all__ = ["NETWORKS", "build", "fields", "InputShapeError", "OptionError", "UNet", "DiT", "DIT_CONFIGS", "MLPDenoiser", "NoisyClassifier",
-           "bridge", "LOGICAL_AXES", "LOGICAL_AXES_DOC", "unbox", "logical_spec", "count_params", "BF16_REL_TOL"]
+           "bridge", "LOGICAL_AXES", "LOGICAL_AXES_DOC", "unbox", "logical_spec", "count_params", "BF16_REL_TOL",
+           "AutoencoderKL", "PatchDiscriminator"]

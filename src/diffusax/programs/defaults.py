@@ -201,6 +201,38 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.target_decay = 0.95      # consistency: EMA decay of the target network theta^-.
   c.distill.guidance_range = (0.0, 2.0)  # guided: w ~ U[w_min, w_max] (guided = cond + w (cond - uncond)).
 
+  c.stage = "diffusion"              # What --mode=train trains: "diffusion", or "autoencoder" (latent
+                                     # diffusion's stage 1, programs/autoencoder.py: the KL autoencoder of
+                                     # autoencoder.* with its patch discriminator, then its latent statistics).
+
+  c.autoencoder = ml_collections.ConfigDict()  # stage = "autoencoder" (LDM's first stage, Rombach et al. 2022).
+  from diffusax.nn import autoencoder as ae_nn, discriminator as disc_nn
+  c.autoencoder.net = network_options(ae_nn.AutoencoderKL)  # The autoencoder's options (diffusers' AutoencoderKL
+                                     # layout: block_out_channels gives f = 2^(len - 1), z_channels, ...).
+  c.autoencoder.disc = network_options(disc_nn.PatchDiscriminator)  # The patch discriminator's options.
+  c.autoencoder.rec_loss = "l1"      # Pixel reconstruction term, summed over pixels: "l1" or "l2".
+  c.autoencoder.kl_weight = 1e-6     # Weight of KL(q(z|x) || N(0, I)) (summed over latent entries).
+  c.autoencoder.disc_weight = 0.5    # Weight of the adaptive-weighted adversarial term (hinge, patch GAN).
+  c.autoencoder.disc_start = 0       # Step from which the adversarial term and the discriminator train
+                                     # (-1: never; no discriminator is built).
+  c.autoencoder.disc_lr = 0.0        # Discriminator learning rate (0: optim.lr); same warmup/decay shape.
+  c.autoencoder.adaptive_max = 1e4   # Upper clamp of the adaptive weight ||grad rec|| / ||grad adv||.
+  c.autoencoder.perceptual_weight = 1.0  # Weight of LPIPS (VGG) in the reconstruction term; it is used only
+                                     # when autoencoder.lpips_vgg_weights names weights (else off, logged).
+  c.autoencoder.lpips_vgg_weights = ""  # torchvision VGG-16 state dict (vgg16-397923af.pth or .npz) for LPIPS.
+  c.autoencoder.lpips_lin_weights = ""  # LPIPS linear layers (default: vgg.pth inside the installed lpips package).
+  c.autoencoder.init_from = ""       # Start from published weights: a diffusers AutoencoderKL folder or
+                                     # .safetensors/.bin file (net options must match); with train.num_steps=0
+                                     # it is only imported (checkpoint and latent statistics, no training).
+  c.autoencoder.grid_examples = 8    # Held-out examples shown (input | reconstruction) in reconstructions.png.
+
+  c.latent = ml_collections.ConfigDict()  # Latent diffusion, stage 2: the diffusion model learns the latents.
+  c.latent.autoencoder_workdir = ""  # A stage-1 run directory ("" = pixel-space diffusion).
+  c.latent.autoencoder_step = -1     # Its checkpoint step (-1: the latest); it must match its latent statistics.
+  c.latent.normalize = "channel"     # Latent scaling from the stage-1 statistics: "channel" ((z - mean_c) / std_c),
+                                     # "scalar" (LDM's z / std over all entries), "none" (raw latents).
+  c.latent.sample_posterior = True   # Train on z ~ q(z|x) (fresh draw per example and epoch); False: its mean.
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1)             # (data, fsdp) device mesh over all processes' devices; one -1 takes
                                      # the rest. Params/optimizer state are sharded over fsdp, the batch over both.
@@ -211,6 +243,9 @@ def base_config() -> ml_collections.ConfigDict:
                                      # all-reduce, so any process/device topology with the same number of
                                      # data-parallel devices trains bit-identically. Costs one gradient copy
                                      # per device in memory and an all-gather instead of an all-reduce.
+  c.mesh.strict_sharding = False     # True: a parameter whose sharding rules ask for fsdp (size > 1) but none of
+                                     # whose dimensions divides by it is refused (ConfigError naming it) instead
+                                     # of replicated over fsdp (parallel/mesh.py; the run logs what it replicated).
 
   c.runtime = ml_collections.ConfigDict()
   c.runtime.xla_cpu_eigen_convs = True  # XLA:CPU only: convs/dots via Eigen, ~2x faster conv training on CPU.

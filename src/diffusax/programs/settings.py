@@ -16,6 +16,7 @@ import ml_collections
 from diffusax.checkpoint import NEUTRAL_KWARGS  # options left out of signatures at their neutral value
 from diffusax.core import schedules
 from diffusax.core import targets as targets_lib
+from diffusax.programs.ae_settings import AESettings, LatentSettings  # noqa: F401 - part of this API
 from diffusax.programs.defaults import base_config
 from diffusax.programs.distill_settings import DistillSettings, parse_distill  # noqa: F401 - part of this API
 from diffusax.programs.errors import ConfigError, positive as _positive  # noqa: F401 - part of this API
@@ -163,9 +164,13 @@ class Settings:
   mesh_strategy: str
   eval: EvalSettings = EvalSettings()
   mesh_ordered_reduction: bool = False
+  mesh_strict: bool = False  # mesh.strict_sharding: refuse a parameter fsdp cannot split instead of replicating it
   ema: EmaSettings = EmaSettings()
   learn_endpoints: bool = False  # a learned schedule's gamma_0 and gamma_1 are trained too
   distill: DistillSettings = DistillSettings()
+  stage: str = "diffusion"                 # "autoencoder": stage 1 of latent diffusion (programs/autoencoder.py)
+  autoencoder: AESettings = AESettings()
+  latent: LatentSettings = LatentSettings()  # stage 2: the autoencoder whose latents the model learns
 
   @property
   def num_ema(self) -> int:
@@ -206,7 +211,7 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
     elif c.diffusion.weighting == "sigmoid":
       wparams = (("bias", float(c.diffusion.sigmoid_bias)),)
     optim = OptimConfig(lr=float(c.optim.lr), warmup_steps=int(c.optim.warmup_steps), decay=c.optim.decay,
-                        total_steps=int(c.train.num_steps), end_lr_factor=float(c.optim.end_lr_factor),
+                        total_steps=max(1, int(c.train.num_steps)), end_lr_factor=float(c.optim.end_lr_factor),
                         b1=float(c.optim.b1), b2=float(c.optim.b2), eps=float(c.optim.eps),
                         weight_decay=float(c.optim.weight_decay), grad_clip=float(c.optim.grad_clip))
     loss = LossConfig(target=c.diffusion.target, weighting=c.diffusion.weighting, weighting_params=wparams,
@@ -241,9 +246,12 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
   decays = tuple(float(d) for d in c.ema.decays)
   if not decays or any(not 0.0 <= d < 1.0 for d in decays):
     raise ConfigError(f"ema.decays must be a non-empty list of values in [0, 1), got {c.ema.decays!r}")
+  from diffusax.programs import ae_settings
+  stage = ae_settings.parse_stage(c)
+  import_only = stage == "autoencoder" and bool(c.autoencoder.init_from)  # num_steps=0: import the weights only
   train = TrainSettings(
       batch_size=_positive("train.batch_size", c.train.batch_size),
-      num_steps=_positive("train.num_steps", c.train.num_steps),
+      num_steps=_positive("train.num_steps", c.train.num_steps, allow_zero=import_only),
       log_every=_positive("train.log_every", c.train.log_every),
       eval_every=_positive("train.eval_every", c.train.eval_every, allow_zero=True),
       ckpt_every=_positive("train.ckpt_every", c.train.ckpt_every),
@@ -284,7 +292,9 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       class_conditional=bool(c.model.class_conditional), optim=optim, ema_decays=decays,
       ema_warmup=bool(c.ema.warmup), train=train, sample=sample, mesh_shape=tuple(c.mesh.shape),
       mesh_strategy=c.mesh.strategy, eval=ev, mesh_ordered_reduction=bool(c.mesh.ordered_reduction),
-      ema=_parse_ema(c), learn_endpoints=bool(c.diffusion.learn_endpoints), distill=parse_distill(c))
+      mesh_strict=bool(c.mesh.strict_sharding),
+      ema=_parse_ema(c), learn_endpoints=bool(c.diffusion.learn_endpoints), distill=parse_distill(c),
+      stage=stage, autoencoder=ae_settings.parse_autoencoder(c), latent=ae_settings.parse_latent(c))
 
 
 def _check_vdm(c, loss: LossConfig) -> None:

@@ -80,6 +80,7 @@ class ModelSetup:
   signature: dict
   param_init: Any = None    # Jitted key -> boxed parameters (`make_param_init`); traced once per set-up.
   sharding_summary: str = ""  # One line: which parameters are sharded and which replicated (logged once).
+  latent: Any = None          # Latent diffusion: the stage-1 autoencoder (setup_latent.Latent), else None.
 
 
 def build_module(s: Settings, num_classes: int | None):
@@ -167,10 +168,19 @@ def model_setup(s: Settings, devices=None, data: registry.Description | None = N
   `data`: the dataset's description (default: `data.registry.describe`).
   """
   data = data or describe_data(s)
+  latent = None
+  if s.latent.enabled:  # Stage 2 of latent diffusion: the model's data are the autoencoder's latents.
+    from diffusax.programs import setup_latent
+    latent = setup_latent.describe(s, data)
+    data = latent.description()
+    if s.loss.objective == "vdm":
+      raise ConfigError("diffusion.objective='vdm' models discrete pixel data; a latent model's data are continuous "
+                        "latents (latent.autoencoder_workdir): use the 'simple' objective")
   s = settings_lib.with_null_class(s, data.num_classes)
   # L_vlb's first-step decoder (hybrid objective): 8-bit images are discretised, vectors continuous.
   s = dataclasses.replace(s, loss=dataclasses.replace(
       s.loss, decoder="discretized" if data.transform == "image" else "gaussian"))
+  model_settings = s.model_settings() if latent is None else {**s.model_settings(), "latent": latent.identity()}
   if s.loss.objective == "vdm" and data.transform != "image":
     raise ConfigError(f"diffusion.objective='vdm' models discrete data (images on data.levels values); dataset "
                       f"{s.data.name!r} holds continuous vectors of shape {tuple(data.shape)}")
@@ -182,11 +192,17 @@ def model_setup(s: Settings, devices=None, data: registry.Description | None = N
   param_init = make_param_init(s, module, data.shape)
   boxed = abstract_init(s, module, data.shape, param_init)
   abstract_params = mesh_lib.unbox(boxed)
+  try:
+    param_shardings = mesh_lib.param_shardings(boxed, mesh, strict=s.mesh_strict)
+  except mesh_lib.ShardingError as e:
+    why = " (mesh.strict_sharding=True refuses to replicate it)" if s.mesh_strict else ""
+    raise ConfigError(f"{e}{why}") from None
   return ModelSetup(s=s, mesh=mesh, module=module, schedule=s.schedule, data=data, num_classes=data.num_classes,
                     sample_shape=tuple(data.shape), abstract_params=abstract_params,
-                    param_shardings=mesh_lib.param_shardings(boxed, mesh),
-                    signature=ckpt_lib.model_signature(abstract_params, s.model_settings()), param_init=param_init,
-                    sharding_summary=mesh_lib.sharding_summary(mesh_lib.placements(boxed, mesh), mesh))
+                    param_shardings=param_shardings,
+                    signature=ckpt_lib.model_signature(abstract_params, model_settings), param_init=param_init,
+                    sharding_summary=mesh_lib.sharding_summary(mesh_lib.placements(boxed, mesh, strict=s.mesh_strict),
+                                                               mesh), latent=latent)
 
 
 def state_shardings(abstract_state, param_sh, mesh):
@@ -333,7 +349,8 @@ def job_spec(u: ModelSetup, step: int, num_samples: int | None = None,
                          num_classes=ncls, checkpoint_step=step, sample_shape=tuple(u.sample_shape),
                          guide=guide.tag if guide is not None else "",
                          guidance_interval=tuple(s.sample.guidance_interval), clip_x0=s.sample.clip_x0,
-                         spacing=s.sample.spacing, order=s.sample.order)
+                         spacing=s.sample.spacing, order=s.sample.order,
+                         decoder=u.latent.tag if u.latent is not None else "")
 
 
 def default_out_dir(workdir: str, spec: job_lib.JobSpec) -> str:
@@ -358,6 +375,10 @@ def run_sample_job(u: ModelSetup, params, spec: job_lib.JobSpec, out_dir: str, l
                                            guide=guide.guide if guide is not None else None)
   if guide is not None:
     params = (params, guide.params)
+  if u.latent is not None:  # Latent samples are decoded to images inside the same jitted function.
+    from diffusax.programs import setup_latent
+    fn = setup_latent.decoding(fn, u.latent)
+    params = (params, u.latent.params(u.mesh, logger.info))
   is_image = len(u.sample_shape) == 3
   out = job_lib.run_job(fn, params, spec, out_dir, u.mesh, log=logger.info, is_image=is_image)
   if jax.process_index() == 0:

@@ -38,6 +38,7 @@ from diffusax.parallel import mesh as mesh_lib
 from diffusax.parallel import pmap as pmap_lib
 from diffusax.programs import settings as settings_lib
 from diffusax.programs import setup as setup_lib
+from diffusax.programs import setup_latent
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
 from diffusax.programs.setup import (ModelSetup, TraceCounts, open_checkpointer, state_shardings,  # noqa: F401
@@ -157,7 +158,8 @@ def make_iterator(u: Setup, seed_offset: int = 0, source=None, *, train: bool = 
   """This process' batches of the training source (or `source`), augmented when `train`, through grain
   with data.workers / data.prefetch (evaluation reads in this process: a few batches)."""
   s = u.s
-  transform = pipeline.make_transform(u.data.transform, s.data, train=train)
+  transform = (setup_latent.transform(u.latent, train) if u.latent is not None
+               else pipeline.make_transform(u.data.transform, s.data, train=train))
   return pipeline.Loader(source if source is not None else u.source, s.train.batch_size,
                          seed=s.seed + seed_offset, process_index=jax.process_index(),
                          process_count=jax.process_count(), transform=transform,
@@ -177,7 +179,10 @@ def write_samples(u: Setup, params, step: int, workdir: str, logger: Logger, gen
     rows = s.sample.per_class
   n = len(labels) if labels is not None else (s.sample.per_class ** 2 if len(u.sample_shape) == 3 else 4096)
   key = jax.random.fold_in(jax.random.key(s.seed), 0x5A4D)
-  x = np.asarray(gen(params, np.arange(n), labels, jnp.float32(s.sample.guidance_scale), key))
+  x = gen(params, np.arange(n), labels, jnp.float32(s.sample.guidance_scale), key)
+  if u.latent is not None:  # Latent samples, shown decoded.
+    x = setup_latent.decoder(u.latent)(u.latent.params(u.mesh, logger.info), x)
+  x = np.asarray(x)
   if len(u.sample_shape) == 3:
     img = generate.image_grid(generate.to_uint8(x), rows, upscale=max(1, 64 // u.sample_shape[0]))
   else:
@@ -346,6 +351,9 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
   """`evaluator`: the object built by train_and_evaluate's factory, run at every eval interval and at the end.
   `snaps`: the EMA snapshot store when ema.snapshot_every > 0."""
   s = u.s
+  if u.latent is not None:  # The training split as latents (encoded once into the autoencoder's cache).
+    logger.info(f"latent diffusion on the autoencoder {u.latent.tag}: latents {u.latent.shape}")
+    u = dataclasses.replace(u, source=setup_latent.latent_source(u, s.data.split, train=True, log=logger.info))
   it = make_iterator(u)
   abstract = ckpt_lib.abstract_like(u.abstract_state, u.state_shardings)
   latest = ckpt.latest_step()
@@ -368,7 +376,9 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
   runner = make_runner(u)
   eval_fn = jax.jit(u.traces.wrap("eval_loss", step_lib.make_eval_loss(u.module.apply, u.schedule, s.loss)))
   eval_source = None
-  if s.data.eval_split:
+  if s.data.eval_split and u.latent is not None:
+    eval_source = setup_latent.latent_source(u, s.data.eval_split, train=False, log=logger.info)
+  elif s.data.eval_split:
     try:
       eval_source = pipeline.open_source(s.data.name, s.data.eval_split, s.data.data_dir)
     except pipeline.DataError as e:  # Other failures keep their own type and traceback.

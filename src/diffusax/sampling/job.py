@@ -70,6 +70,7 @@ class JobSpec:
   clip_x0: float = 0.0            # > 0: x0_hat clipped to [-clip_x0, clip_x0] at every step
   spacing: str = ""               # the sampler's grid spacing ("" = the method's default)
   order: int = 0                  # UniPC's order (0 = its default)
+  decoder: str = ""               # latent diffusion: the autoencoder that decodes the samples ("" = pixels)
 
   @property
   def num_shards(self) -> int:
