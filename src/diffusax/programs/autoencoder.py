@@ -109,7 +109,7 @@ def ae_setup(s: Settings, devices=None, training: bool = True) -> AESetup:
       raise ConfigError(f"autoencoder.disc: {e}") from None
     disc_boxed = abstract_params(disc, data.shape, "autoencoder.disc")
   u = AESetup(s=s, mesh=mesh, ae=ae, disc=disc, data=data, signature=sig,
-              param_shardings=mesh_lib.param_shardings(boxed, mesh),
+              param_shardings=mesh_lib.param_shardings(boxed, mesh, strict=s.mesh_strict),
               disc_shardings=mesh_lib.param_shardings(disc_boxed, mesh) if disc_boxed else {})
   if not training:
     return u
@@ -188,44 +188,16 @@ def _lpips(u: AESetup, logger: Logger):
 
 
 def _decode_fn(u: AESetup):
-  """Jitted (params, x [B, H, W, C] in [-1, 1]) -> reconstruction from the posterior mean."""
-  def rec(params, x):
-    mean, _ = u.ae.apply({"params": params}, x, method="encode")
-    return u.ae.apply({"params": params}, mean, method="decode")
-  return jax.jit(rec)
+  return setup_latent.reconstruct_fn(u.ae)
 
 
 def _held_out(u: AESetup, n: int | None = None) -> np.ndarray:
-  """uint8 held-out images (data.eval_split, else the training split) in the evaluation view."""
-  s = u.s
-  split = s.data.eval_split or s.data.split
-  try:
-    src = pipeline.open_source(s.data.name, split, s.data.data_dir)
-  except pipeline.DataError as e:
-    raise ConfigError(f"data.eval_split: {e}") from None
-  return pipeline.eval_images(src, len(src) if n is None else min(n, len(src)), s.data.image_size)
-
-
-def _reconstruct(u: AESetup, rec_fn, params, images: np.ndarray, batch: int = 250) -> np.ndarray:
-  """uint8 reconstructions of uint8 images, in fixed-size batches (the last padded): one compile."""
-  x = images.astype(np.float32) / 127.5 - 1.0
-  batch = min(batch, len(x))
-  batch = -(-batch // u.mesh.devices.size) * u.mesh.devices.size
-  out = []
-  sh = mesh_lib.batch_sharding(u.mesh, 4)
-  for i in range(0, len(x), batch):
-    part = x[i:i + batch]
-    pad = batch - len(part)
-    if pad:
-      part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], np.float32)])
-    y = rec_fn(params, jax.device_put(part, sh))
-    out.append(generate.to_uint8(np.asarray(y))[:batch - pad])
-  return np.concatenate(out)
+  return setup_latent.held_out(u.s, n)
 
 
 def write_grid(u: AESetup, rec_fn, params, images: np.ndarray, path: str, logger: Logger | None = None,
                step: int = 0) -> str:
-  rec = _reconstruct(u, rec_fn, params, images)
+  rec = setup_latent.reconstruct(u.mesh, rec_fn, params, images)
   img = generate.image_grid(np.concatenate([images, rec]), 2, upscale=max(1, 64 // images.shape[1]))
   if jax.process_index() == 0:
     generate.save_png(path, img)
@@ -235,18 +207,7 @@ def write_grid(u: AESetup, rec_fn, params, images: np.ndarray, path: str, logger
 
 
 def reconstruction_metrics(u: AESetup, rec_fn, params, logger: Logger) -> dict:
-  """PSNR, SSIM, rFD on the held-out split (eval.num_samples of it at most), and the bicubic baseline."""
-  from diffusax.evaluation import reconstruction
-  s = u.s
-  real = _held_out(u, s.eval.num_samples)
-  feats = reconstruction.feature_fn(u.data.features, s.data.data_dir, s.eval.inception_weights, logger.info)
-  fr = feats(real) if feats is not None else None
-  rec = _reconstruct(u, rec_fn, params, real)
-  f = u.ae.factor
-  return {"examples": int(len(real)), "split": s.data.eval_split or s.data.split, "factor": int(f),
-          "autoencoder": reconstruction.metrics(real, rec, feats, fr),
-          f"bicubic_x{f}": reconstruction.metrics(real, reconstruction.bicubic(real, f), feats, fr),
-          "features": u.data.features or ("inception" if s.eval.inception_weights else None)}
+  return setup_latent.reconstruction_metrics(u.s, u.ae, u.mesh, rec_fn, params, u.data.features, logger)
 
 
 def latent_stats(u: AESetup, params, digest: str, step: int, logger: Logger) -> dict:
@@ -343,13 +304,14 @@ def _loop(u: AESetup, source, workdir: str, logger: Logger, ckpt, lpips_fn, lpip
   cfg = step_lib.AELossConfig(rec_loss=a.rec_loss, kl_weight=a.kl_weight, disc_weight=a.disc_weight,
                               disc_start=a.disc_start if a.adversarial else -1, adaptive_max=a.adaptive_max,
                               perceptual_weight=a.perceptual_weight if lpips_fn is not None else 0.0)
-  fn = step_lib.make_ae_step(u.ae, u.disc, u.tx, u.disc_tx, u.lr_fn, u.disc_lr_fn, cfg, s.ema_decays, s.ema_warmup,
-                             lpips_fn=lpips_fn)
   rep = mesh_lib.replicated(u.mesh)
   batch_sh = {"x": mesh_lib.batch_sharding(u.mesh, 4)}
   lp_sh = None if lpips_params is None else jax.tree.map(lambda _: rep, lpips_params)
-  step_fn = jax.jit(fn, in_shardings=(u.state_shardings, batch_sh, lp_sh), out_shardings=(u.state_shardings, rep),
-                    donate_argnums=0)
+  # Two forms, before and from disc_start (training/ae_step.py), each compiled on first use.
+  step_fns = [jax.jit(step_lib.make_ae_step(u.ae, u.disc, u.tx, u.disc_tx, u.lr_fn, u.disc_lr_fn, cfg, s.ema_decays,
+                                            s.ema_warmup, lpips_fn=lpips_fn, adversarial=on),
+                      in_shardings=(u.state_shardings, batch_sh, lp_sh), out_shardings=(u.state_shardings, rep),
+                      donate_argnums=0) for on in (False, True)]
   rec_fn = _decode_fn(u)
   grid_images = _held_out(u, a.grid_examples)
 
@@ -364,7 +326,7 @@ def _loop(u: AESetup, source, workdir: str, logger: Logger, ckpt, lpips_fn, lpip
   with preemption.StopRequest(multi_process=jax.process_count() > 1) as stop:
     for step in range(start, total):
       batch = setup_lib.to_global({"x": next(it)["x"]}, u.mesh)
-      state, metrics = step_fn(state, batch, lpips_params)
+      state, metrics = step_fns[cfg.adversarial and step >= cfg.disc_start](state, batch, lpips_params)
       done = step + 1
       if done % s.train.log_every == 0 or done == total:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}

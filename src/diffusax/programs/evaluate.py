@@ -160,6 +160,12 @@ class Evaluator:
         m["kid"] = distances.kid(fg, fr, subset_size=ev.kid_subset_size)[0]
     return m, extra
 
+  def _reconstruction(self, logger: Logger) -> dict:
+    from diffusax.programs import setup_latent
+    u, lat = self.u, self.u.latent
+    return setup_latent.reconstruction_metrics(u.s, lat.module, u.mesh, setup_latent.reconstruct_fn(lat.module),
+                                               lat.params(u.mesh, logger.info), u.data.features, logger)
+
   # -- likelihood: bpd_vlb, bpd_ode --------------------------------------------------------------
 
   def _likelihood(self):
@@ -223,6 +229,9 @@ class Evaluator:
       metrics.update(m)
     if set(ev.metrics) & {"bpd_vlb", "bpd_ode"}:
       metrics.update(self._likelihood_metrics(params))
+    if self.u.latent is not None:  # The autoencoder's own share of the error: its reconstructions.
+      extra["reconstruction"] = self._once("reconstruction", lambda: self._reconstruction(logger))
+      extra["autoencoder"] = self.u.latent.tag
     result = {"step": step, "metrics": metrics, "num_samples": ev.num_samples,
               "sampler": {"method": s.sample.method, "num_steps": s.sample.num_steps,
                           "guidance_scale": s.sample.guidance_scale, "eta": s.sample.eta, "seed": s.sample.seed,
@@ -258,6 +267,10 @@ def check(s: Settings, data) -> None:
   """Refuses settings evaluation cannot run with (e.g. fd/kid without features) before any device work."""
   if set(s.eval.metrics) & {"fd", "kid"}:
     feature_kind(s, data)
+  bpd = sorted(set(s.eval.metrics) & {"bpd_vlb", "bpd_ode"})
+  if bpd and data.transform == "latent":
+    raise ConfigError(f"eval.metrics {bpd}: bits/dim are not defined for a latent diffusion model (its likelihood "
+                      "is of latents, not of pixels); use fd, kid and class_accuracy")
 
 
 def run(s: Settings, workdir: str, devices=None, traces: setup_lib.TraceCounts | None = None) -> dict:

@@ -336,6 +336,62 @@ def _encode_split(u, split: str, path: str, views: int, log) -> None:
   log(f"encoded {n} examples of split {split!r} ({views} view{'s' if views > 1 else ''}) into {path}")
 
 
+# --- reconstructions --------------------------------------------------------------------------------
+
+def reconstruct_fn(module):
+  """Jitted (params, x [B, H, W, C] in [-1, 1]) -> the decoded posterior mean."""
+  def rec(params, x):
+    mean, _ = module.apply({"params": params}, x, method="encode")
+    return module.apply({"params": params}, mean, method="decode")
+  return jax.jit(rec)
+
+
+def held_out(s, n: int | None = None) -> np.ndarray:
+  """uint8 held-out images (data.eval_split, else the training split) in the evaluation view."""
+  split = s.data.eval_split or s.data.split
+  try:
+    src = pipeline.open_source(s.data.name, split, s.data.data_dir)
+  except pipeline.DataError as e:
+    raise ConfigError(f"data.eval_split: {e}") from None
+  return pipeline.eval_images(src, len(src) if n is None else min(n, len(src)), s.data.image_size)
+
+
+def reconstruct(mesh, rec_fn, params, images: np.ndarray, batch: int = 250) -> np.ndarray:
+  """uint8 reconstructions of uint8 images, in fixed-size batches (the last padded): one compile."""
+  from diffusax.sampling import generate
+  x = images.astype(np.float32) / 127.5 - 1.0
+  ndev = mesh.devices.size
+  batch = -(-min(batch, len(x)) // ndev) * ndev
+  sh = mesh_lib.batch_sharding(mesh, 4)
+  out = []
+  for i in range(0, len(x), batch):
+    part = x[i:i + batch]
+    pad = batch - len(part)
+    if pad:
+      part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], np.float32)])
+    y = rec_fn(params, jax.device_put(part, sh))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      y = multihost_utils.process_allgather(y, tiled=True)
+    out.append(generate.to_uint8(np.asarray(y))[:batch - pad])
+  return np.concatenate(out)
+
+
+def reconstruction_metrics(s, module, mesh, rec_fn, params, features: str | None, logger) -> dict:
+  """PSNR, SSIM and rFD of the autoencoder on the held-out split (eval.num_samples of it at most), beside the
+  bicubic down-and-up baseline of its factor (evaluation/reconstruction.py)."""
+  from diffusax.evaluation import reconstruction
+  real = held_out(s, s.eval.num_samples)
+  feats = reconstruction.feature_fn(features, s.data.data_dir, s.eval.inception_weights, logger.info)
+  fr = feats(real) if feats is not None else None
+  rec = reconstruct(mesh, rec_fn, params, real)
+  f = module.factor
+  return {"examples": int(len(real)), "split": s.data.eval_split or s.data.split, "factor": int(f),
+          "autoencoder": reconstruction.metrics(real, rec, feats, fr),
+          f"bicubic_x{f}": reconstruction.metrics(real, reconstruction.bicubic(real, f), feats, fr),
+          "features": features or ("inception" if s.eval.inception_weights else None)}
+
+
 # --- decoding samples --------------------------------------------------------------------------------
 
 def decoding(sample_fn: Callable, lat: Latent) -> Callable:
