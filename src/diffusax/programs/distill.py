@@ -207,6 +207,9 @@ def _grid(r: _Run, gen, params, n: int, workdir: str, logger: Logger, step: int)
 def run(s: Settings, workdir: str, devices=None) -> dict:
   """Runs (or resumes) the distillation of the settings into `workdir`; returns the summary of distill.json."""
   check(s)
+  if s.latent.enabled:
+    raise ConfigError("--mode=distill of a latent diffusion model (latent.autoencoder_workdir) is not supported: "
+                      "its students would need the latent training data and decoded grids; distil a pixel model")
   try:
     source = pipeline.open_source(s.data.name, s.data.split, s.data.data_dir)
   except pipeline.DataError as e:  # Other failures keep their own type and traceback.

@@ -249,6 +249,9 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
   from diffusax.programs import ae_settings
   stage = ae_settings.parse_stage(c)
   import_only = stage == "autoencoder" and bool(c.autoencoder.init_from)  # num_steps=0: import the weights only
+  if stage == "autoencoder" and c.train.num_steps == 0 and not import_only:
+    raise ConfigError("train.num_steps=0 imports published weights: set autoencoder.init_from to them, or train "
+                      "for a positive number of steps")
   train = TrainSettings(
       batch_size=_positive("train.batch_size", c.train.batch_size),
       num_steps=_positive("train.num_steps", c.train.num_steps, allow_zero=import_only),

@@ -127,6 +127,9 @@ def describe(s, image: registry.Description) -> Latent:
   """The Latent of s.latent (checkpoint meta and statistics only; no array is read)."""
   lt = s.latent
   wd = lt.autoencoder_workdir
+  if s.data.random_crop:
+    raise ConfigError("data.random_crop with latent.autoencoder_workdir: the latent cache holds each image's "
+                      "centre square (and its mirror image with data.random_flip); crops are not encoded")
   d = storage.join(wd, "checkpoints")
   steps = sorted(int(n) for n in storage.listdir(d) if n.isdigit()) if storage.exists(d) else []
   if not steps:
