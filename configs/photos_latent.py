@@ -26,7 +26,7 @@ def get_config():
   c.model.name = "unet"
   c.model.unet.base_channels = 64            # 8x8 -> 4x4: cheap at this size, so wider than the pixel model.
   c.model.unet.channel_mult = (1, 2)
-  c.model.unet.num_res_blocks = 2
+  c.model.unet.num_res_blocks = 1
   c.model.unet.attn_resolutions = (4,)
   c.model.unet.num_heads = 4
   c.model.unet.num_groups = 16
@@ -39,10 +39,10 @@ def get_config():
   c.optim.end_lr_factor = 0.05
   c.ema.decays = (0.999,)
   c.train.batch_size = 64
-  c.train.num_steps = 3000
+  c.train.num_steps = 1500
   c.train.log_every = 100
-  c.train.eval_every = 1000
-  c.train.ckpt_every = 1000
+  c.train.eval_every = 500
+  c.train.ckpt_every = 500
   c.sample.method = "dpm_solver_pp_2m"
   c.sample.num_steps = 30
   c.sample.guidance_scale = 1.0

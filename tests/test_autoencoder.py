@@ -289,3 +289,15 @@ def test_the_steps_adaptive_weight_equals_full_network_gradients():
   want = float(jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_adv) + 1e-4))
   assert float(m["d_weight"]) == pytest.approx(want, rel=2e-4)
   assert float(m["d_loss"]) > 0
+
+
+def test_autoencoder_parameters_shard_over_fsdp(data_dir):
+  """Abstract only: on a (2, 4) mesh the autoencoder's and discriminator's kernels split over fsdp."""
+  from diffusax.programs import autoencoder, settings
+  over = {**AE_OVER, "mesh.shape": (2, 4), "autoencoder.net.block_out_channels": (16, 32), "autoencoder.disc.base_channels": 16}
+  u = autoencoder.ae_setup(settings.parse(_config(data_dir, over)))
+  specs = [sh.spec for sh in jax.tree.leaves(u.param_shardings)]
+  assert sum(any(a is not None for a in sp) for sp in specs) > len(specs) // 2
+  assert any(any(a is not None for a in sh.spec) for sh in jax.tree.leaves(u.disc_shardings))
+  state_specs = jax.tree.leaves(u.state_shardings.opt_state)
+  assert any(any(a is not None for a in sh.spec) for sh in state_specs)  # Adam moments follow the params.
