@@ -241,7 +241,7 @@ class Checkpointer:
       self._log(f"warning: {where} has no checksums; restored unverified (train.allow_unverified_restore)")
       return state, meta
     checks, _ = self.audit(state)
-    prefix = _part_keystr(part)
+    prefix = part_keystr(part)
     checks = {prefix + p: c for p, c in checks.items()}
     bad = [p for p in checks if recorded.get(p) != checks[p]]
     if bad:
@@ -287,7 +287,7 @@ class Checkpointer:
     try:
       item = target(saved, part)
     except (KeyError, IndexError, TypeError):
-      raise KeyError(f"the saved state has no part {_part_keystr(part)!r}") from None
+      raise KeyError(f"the saved state has no part {part_keystr(part)!r}") from None
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
     node = reader.restore(path, args=args)
@@ -326,7 +326,7 @@ def _one_line(e: BaseException) -> str:
   return text if len(text) <= 400 else text[:400] + " ..."
 
 
-def _part_keystr(part: tuple) -> str:
+def part_keystr(part: tuple) -> str:
   """jax keystr of a state subtree: attribute names then sequence indices, ("ema_params", 0) -> ".ema_params[0]"."""
   return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in part)
 

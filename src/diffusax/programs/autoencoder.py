@@ -46,7 +46,6 @@ from diffusax.training import optimizer as optim_lib
 from diffusax.training import preemption
 
 KIND = setup_latent.AE_KIND  # meta["kind"] of a stage-1 checkpoint
-EMA_PART = ("ema_params", 0)
 
 
 def abstract_params(module, shape: tuple, what: str = "autoencoder.net"):
@@ -76,6 +75,7 @@ class AESetup:
   disc: Any
   data: Any
   signature: dict
+  abstract_params: Any      # ShapeDtypeStructs of the (unboxed) autoencoder parameters
   param_shardings: Any
   disc_shardings: Any
   abstract_state: Any = None
@@ -108,9 +108,9 @@ def ae_setup(s: Settings, devices=None, training: bool = True) -> AESetup:
     except TypeError as e:
       raise ConfigError(f"autoencoder.disc: {e}") from None
     disc_boxed = abstract_params(disc, data.shape, "autoencoder.disc")
-  u = AESetup(s=s, mesh=mesh, ae=ae, disc=disc, data=data, signature=sig,
+  u = AESetup(s=s, mesh=mesh, ae=ae, disc=disc, data=data, signature=sig, abstract_params=plain,
               param_shardings=mesh_lib.param_shardings(boxed, mesh, strict=s.mesh_strict),
-              disc_shardings=mesh_lib.param_shardings(disc_boxed, mesh) if disc_boxed else {})
+              disc_shardings=mesh_lib.param_shardings(disc_boxed, mesh, strict=s.mesh_strict) if disc_boxed else {})
   if not training:
     return u
   try:
@@ -128,18 +128,11 @@ def ae_setup(s: Settings, devices=None, training: bool = True) -> AESetup:
 
 def _state_shardings(u: AESetup, abstract):
   rep = mesh_lib.replicated(u.mesh)
-
-  def follow(tree, param_sh):
-    ptd = jax.tree.structure(param_sh)
-    same = lambda x: jax.tree.structure(x) == ptd  # noqa: E731
-    return jax.tree.map(lambda x: param_sh if same(x) else rep, tree, is_leaf=same)
-
-  disc_sh = u.disc_shardings
-  return step_lib.AEState(step=rep, params=u.param_shardings, disc_params=disc_sh,
+  return step_lib.AEState(step=rep, params=u.param_shardings, disc_params=u.disc_shardings,
                           ema_params=tuple(u.param_shardings for _ in abstract.ema_params),
-                          opt_state=follow(abstract.opt_state, u.param_shardings),
-                          disc_opt_state=follow(abstract.disc_opt_state, disc_sh) if disc_sh else
-                          jax.tree.map(lambda _: rep, abstract.disc_opt_state), rng=rep)
+                          opt_state=setup_lib.follow_params(abstract.opt_state, u.param_shardings, u.mesh),
+                          disc_opt_state=setup_lib.follow_params(abstract.disc_opt_state, u.disc_shardings, u.mesh),
+                          rng=rep)
 
 
 def _init_state(u: AESetup, logger: Logger):
@@ -164,14 +157,6 @@ def _init_state(u: AESetup, logger: Logger):
   return fn(params, disc)
 
 
-def open_checkpointer(u: AESetup, workdir: str, logger: Logger | None = None) -> ckpt_lib.Checkpointer:
-  s = u.s
-  return ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), keep=s.train.keep_checkpoints,
-                               async_save=s.train.async_checkpoints, replicated_sharding=mesh_lib.replicated(u.mesh),
-                               log=logger.info if logger is not None else print,
-                               allow_unverified=s.train.allow_unverified_restore)
-
-
 def _lpips(u: AESetup, logger: Logger):
   a = u.s.autoencoder
   if not a.perceptual:
@@ -185,14 +170,6 @@ def _lpips(u: AESetup, logger: Logger):
     raise ConfigError(f"autoencoder.lpips_vgg_weights: {e}") from None
   logger.info(f"LPIPS perceptual term: on, weight {a.perceptual_weight}")
   return lpips.lpips_distance, jax.device_put(net.params, mesh_lib.replicated(u.mesh))
-
-
-def _decode_fn(u: AESetup):
-  return setup_latent.reconstruct_fn(u.ae)
-
-
-def _held_out(u: AESetup, n: int | None = None) -> np.ndarray:
-  return setup_latent.held_out(u.s, n)
 
 
 def write_grid(u: AESetup, rec_fn, params, images: np.ndarray, path: str, logger: Logger | None = None,
@@ -268,7 +245,7 @@ def train(s: Settings, workdir: str, devices=None) -> dict:
   ckpt = None
   try:
     lpips_fn, lpips_params = _lpips(u, logger)
-    ckpt = open_checkpointer(u, workdir, logger)
+    ckpt = setup_lib.open_checkpointer(u, workdir, logger)  # (an AESetup has what it reads: s, mesh)
     return _loop(u, source, workdir, logger, ckpt, lpips_fn, lpips_params)
   except BaseException:
     if ckpt is not None:
@@ -312,8 +289,8 @@ def _loop(u: AESetup, source, workdir: str, logger: Logger, ckpt, lpips_fn, lpip
                                             s.ema_warmup, lpips_fn=lpips_fn, adversarial=on),
                       in_shardings=(u.state_shardings, batch_sh, lp_sh), out_shardings=(u.state_shardings, rep),
                       donate_argnums=0) for on in (False, True)]
-  rec_fn = _decode_fn(u)
-  grid_images = _held_out(u, a.grid_examples)
+  rec_fn = setup_latent.reconstruct_fn(u.ae)
+  grid_images = setup_latent.held_out(s, a.grid_examples)
 
   def save(st):
     ckpt.save(int(st.step), st, {"kind": KIND, "data": it.state(), "signature": u.signature, "step": int(st.step)})
@@ -381,23 +358,9 @@ def _loop(u: AESetup, source, workdir: str, logger: Logger, ckpt, lpips_fn, lpip
 
 
 def restore_ema(u: AESetup, workdir: str, step: int = -1, logger: Logger | None = None):
-  """(first EMA params, step, meta) of a stage-1 checkpoint; only those arrays are read (and verified)."""
-  ckpt = open_checkpointer(u, workdir, logger)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise ConfigError(f"no checkpoint in {ckpt.directory}; train the autoencoder first (--mode=train)")
-    if step >= 0 and step not in steps:
-      raise ConfigError(f"checkpoint step {step} is not in {ckpt.directory}; it has {sorted(steps)}")
-    step = max(steps) if step < 0 else step
-    meta = ckpt.read_meta(step)
-    if meta.get("kind") != KIND:
-      raise ConfigError(f"{ckpt.directory} step {step} is not an autoencoder checkpoint (kind {meta.get('kind')!r})")
-    abstract = ckpt_lib.abstract_like(mesh_lib.unbox(abstract_params(u.ae, u.data.shape)), u.param_shardings)
-    params, meta = ckpt.restore(abstract, u.signature, step=step, part=EMA_PART)
-  finally:
-    ckpt.close()
-  return params, int(step), meta
+  """(first EMA params, step, meta) of a stage-1 checkpoint (`setup.restore_ema_with_meta`: only those arrays
+  are read, and verified; a checkpoint of another model is refused by its signature before any is read)."""
+  return setup_lib.restore_ema_with_meta(u, workdir, step, logger)
 
 
 def evaluate(s: Settings, workdir: str, devices=None) -> dict:
@@ -407,7 +370,7 @@ def evaluate(s: Settings, workdir: str, devices=None) -> dict:
   try:
     params, step, _ = restore_ema(u, workdir, s.sample.checkpoint_step, logger)
     t0 = time.perf_counter()
-    rec = reconstruction_metrics(u, _decode_fn(u), params, logger)
+    rec = reconstruction_metrics(u, setup_latent.reconstruct_fn(u.ae), params, logger)
     result = {"step": step, "reconstruction": rec, "seconds": round(time.perf_counter() - t0, 1)}
     if jax.process_index() == 0:
       path = storage.join(workdir, "eval", f"eval_{step:07d}.json")

@@ -205,14 +205,21 @@ def model_setup(s: Settings, devices=None, data: registry.Description | None = N
                                                                mesh), latent=latent)
 
 
-def state_shardings(abstract_state, param_sh, mesh):
-  """Shardings for a TrainState: params/EMA/optimizer moments follow the params, the rest replicated."""
+def follow_params(opt_state, param_sh, mesh):
+  """Shardings of an optax state: every subtree shaped like the params (Adam's moments) takes the params'
+  shardings, the rest (counts) is replicated."""
   ptd = jax.tree.structure(param_sh)
   rep = mesh_lib.replicated(mesh)
-  is_params = lambda x: jax.tree.structure(x) == ptd
-  opt = jax.tree.map(lambda x: param_sh if is_params(x) else rep, abstract_state.opt_state, is_leaf=is_params)
+  is_params = lambda x: jax.tree.structure(x) == ptd  # noqa: E731
+  return jax.tree.map(lambda x: param_sh if is_params(x) else rep, opt_state, is_leaf=is_params)
+
+
+def state_shardings(abstract_state, param_sh, mesh):
+  """Shardings for a TrainState: params/EMA/optimizer moments follow the params, the rest replicated."""
+  rep = mesh_lib.replicated(mesh)
   return state_lib.TrainState(step=rep, params=param_sh, ema_params=tuple(param_sh for _ in abstract_state.ema_params),
-                              opt_state=opt, rng=rep, aux=jax.tree.map(lambda _: rep, abstract_state.aux))
+                              opt_state=follow_params(abstract_state.opt_state, param_sh, mesh), rng=rep,
+                              aux=jax.tree.map(lambda _: rep, abstract_state.aux))
 
 
 def to_global(batch: dict, mesh) -> dict:
@@ -246,6 +253,13 @@ def restore_ema(u: ModelSetup, workdir: str, step: int = -1, logger: Logger | No
   optimizer moments or other EMAs are read, and no optimizer is built. The
   arrays are verified against the checksums recorded at save.
   """
+  params, step, _ = restore_ema_with_meta(u, workdir, step, logger)
+  return params, step
+
+
+def restore_ema_with_meta(u, workdir: str, step: int = -1, logger: Logger | None = None):
+  """`restore_ema` plus the checkpoint's meta. `u`: any set-up with s, mesh, abstract_params,
+  param_shardings and signature (a ModelSetup, or the autoencoder's AESetup)."""
   ckpt = open_checkpointer(u, workdir, logger)
   try:
     steps = ckpt.all_steps()
@@ -255,10 +269,10 @@ def restore_ema(u: ModelSetup, workdir: str, step: int = -1, logger: Logger | No
       raise ConfigError(f"sample.checkpoint_step={step} is not in {ckpt.directory}; it has {sorted(steps)}")
     step = max(steps) if step < 0 else step
     abstract = ckpt_lib.abstract_like(u.abstract_params, u.param_shardings)
-    params, _ = ckpt.restore(abstract, u.signature, step=step, part=EMA_PART)
+    params, meta = ckpt.restore(abstract, u.signature, step=step, part=EMA_PART)
   finally:
     ckpt.close()
-  return params, int(step)
+  return params, int(step), meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,19 +333,19 @@ def restore_guide(u: ModelSetup, logger: Logger | None = None) -> GuideModel | N
     raise ConfigError(f"sample.guide_workdir={wd}: its checkpoint names no known network ({model.get('name')!r})")
   gs = dataclasses.replace(s, model_name=model["name"],
                            model_kwargs={**(dict(s.model_kwargs) if s.model_name == model["name"] else {}),
-                                         **_tuples(model.get("kwargs", {}))},
+                                         **json_tuples(model.get("kwargs", {}))},
                            loss=dataclasses.replace(s.loss, target=model["target"]))
   gu = model_setup(gs, list(u.mesh.devices.flat), data=u.data)
   params, step = restore_ema(gu, wd, step, logger)
   return GuideModel(setup=gu, params=params, step=step, workdir=wd)
 
 
-def _tuples(v):
+def json_tuples(v):
   """JSON lists (from a signature) back to the tuples the network options use."""
   if isinstance(v, dict):
-    return {k: _tuples(x) for k, x in v.items()}
+    return {k: json_tuples(x) for k, x in v.items()}
   if isinstance(v, list):
-    return tuple(_tuples(x) for x in v)
+    return tuple(json_tuples(x) for x in v)
   return v
 
 

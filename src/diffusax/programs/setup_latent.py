@@ -35,10 +35,10 @@ from diffusax import storage
 from diffusax.data import pipeline, registry
 from diffusax.parallel import mesh as mesh_lib
 from diffusax.programs.errors import ConfigError
+from diffusax.programs.setup import EMA_PART, json_tuples
 
 AE_KIND = "autoencoder"  # meta["kind"] of a stage-1 checkpoint (programs/autoencoder.KIND)
 STATS_FILE = "latent_stats.json"
-EMA_PART = ("ema_params", 0)
 CACHE_DIR = "latents"
 
 
@@ -46,7 +46,7 @@ def params_digest(checksums: dict, part: tuple = EMA_PART) -> str:
   """sha256 of the recorded checksums of one state part (default the first EMA), path-sorted."""
   import hashlib
   import json
-  prefix = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in part)
+  prefix = ckpt_lib.part_keystr(part)
   mine = {p[len(prefix):]: c for p, c in checksums.items() if p.startswith(prefix)}
   if not mine:
     raise ValueError(f"the checkpoint's meta records no checksums under {prefix}")
@@ -61,14 +61,6 @@ def build_autoencoder(net: dict, dtype: str = "float32"):
     return ae_nn.AutoencoderKL(**dict(net), dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
   except (TypeError, nn.OptionError) as e:
     raise ConfigError(f"autoencoder.net: {e}") from None
-
-
-def _tuples(v):
-  if isinstance(v, dict):
-    return {k: _tuples(x) for k, x in v.items()}
-  if isinstance(v, list):
-    return tuple(_tuples(x) for x in v)
-  return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +139,7 @@ def describe(s, image: registry.Description) -> Latent:
     raise ConfigError(f"latent.autoencoder_workdir={wd}: step {step} is a {meta.get('kind') or 'diffusion'} "
                       "checkpoint, not an autoencoder's (stage='autoencoder')")
   model = meta["signature"]["model"]
-  module = build_autoencoder(_tuples(model["kwargs"]))
+  module = build_autoencoder(json_tuples(model["kwargs"]))
   if image.transform != "image":
     raise ConfigError(f"latent diffusion needs an image dataset; {s.data.name!r} holds vectors")
   from diffusax import nn
@@ -261,17 +253,25 @@ def _write_records(path: str, rows: list[bytes]) -> None:
 
 
 def _read_records(path: str) -> list[bytes]:
+  """Every record of an array_record file; one on an object store is read through a local copy."""
   import tempfile
   from array_record.python.array_record_data_source import ArrayRecordDataSource
-  with tempfile.TemporaryDirectory(prefix="diffusax_latents.") as tmp:
-    local = os.path.join(tmp, "part.array_record")
-    with open(local, "wb") as f:
-      f.write(storage.read_bytes(path))
+
+  def read(local):
     src = ArrayRecordDataSource(local)
     try:
       return [src[i] for i in range(len(src))]
     finally:
-      src.close() if hasattr(src, "close") else None
+      if hasattr(src, "close"):
+        src.close()
+
+  if not storage.is_remote(path):
+    return read(storage.resolve(path))
+  with tempfile.TemporaryDirectory(prefix="diffusax_latents.") as tmp:
+    local = os.path.join(tmp, "part.array_record")
+    with open(local, "wb") as f:
+      f.write(storage.read_bytes(path))
+    return read(local)
 
 
 def _row(mean: np.ndarray, std: np.ndarray, label: int) -> bytes:
