@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusax.core import guidance, samplers, schedules
+from diffusax.core import distill, guidance, samplers, schedules
 from diffusax.core.model import Model
 
 SHAPE = (64, 32, 32, 3)
@@ -209,6 +209,104 @@ def plain_pc(x, key, n):
   return _x0(x, den(x, None, None), VP, t)
 
 
+def _lam(i, n):
+  """lambda = log(alpha / sigma) = log_snr / 2 at point i of the log-SNR grid."""
+  return 0.5 * VP.log_snr(_t_log_snr(i, n))
+
+
+def plain_dpm3m(x, key, n):
+  """DPM-Solver++(3M) (Lu et al. 2022b; n >= 15, so order min(3, i + 1) and no lower-order final):
+  D1_0 = (m_i - m_{i-1}) / r0, D1_1 = (m_{i-1} - m_{i-2}) / r1, D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1),
+  D2 = (D1_0 - D1_1) / (r0 + r1), x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} phi m_i
+  + alpha_{i+1} (phi/h + 1) D1 - alpha_{i+1} ((phi + h)/h^2 - 1/2) D2 (phi = expm1(-h)). The D's are
+  written as scalar weights on (m_i, m_{i-1}, m_{i-2}), then one combination of the three arrays."""
+  def body(carry, i):
+    x, m1, m2 = carry
+    t, tn = _t_log_snr(i, n), _t_log_snr(i + 1, n)
+    lam, lam_n = _lam(i, n), _lam(i + 1, n)
+    lam1, lam2 = _lam(jnp.maximum(i - 1, 0), n), _lam(jnp.maximum(i - 2, 0), n)
+    h = lam_n - lam
+    r0 = jnp.where(i >= 1, (lam - lam1) / h, 1.0)
+    r1 = jnp.where(i >= 2, (lam1 - lam2) / h, 1.0)
+    a, phi = VP.alpha(tn), jnp.expm1(-h)
+    d10 = jnp.stack([1.0 / r0, -1.0 / r0, 0.0])
+    d11 = jnp.stack([0.0, 1.0 / r1, -1.0 / r1])
+    d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
+    d2 = (d10 - d11) / (r0 + r1)
+    e0 = jnp.array([1.0, 0.0, 0.0])
+    w3 = -a * phi * e0 + a * (phi / h + 1.0) * d1 - a * ((phi + h) / h ** 2 - 0.5) * d2
+    w2 = -a * phi * (e0 + 0.5 * d10)          # 2M: D = m_i + (m_i - m_{i-1}) / (2 r0)
+    w1 = -a * phi * e0
+    w = jnp.where(i == 0, w1, jnp.where(i == 1, w2, w3))
+    x0 = _x0(x, den(x, None, None), VP, t)
+    return (VP.sigma(tn) / VP.sigma(t) * x + w[0] * x0 + w[1] * m1 + w[2] * m2, x0, m1)
+  z = jnp.zeros_like(x)
+  x = _scan(body, (x, z, z), n)[0]
+  return _x0(x, den(x, None, None), VP, _t_log_snr(jnp.int32(n - 1), n))
+
+
+def _unipc_b(h, count):
+  """b_1..b_count of UniPC-bh2 (Zhao et al. 2023, eq. 8-10, B(h) = expm1(-h)): with hh = -h,
+  phi_1 h = expm1(hh), then b_j = j! (h phi_{j+1}) / B(h) by the recursion h phi_{k+1} = h phi_k / hh - 1/k!."""
+  hh = -h
+  bh = jnp.expm1(hh)
+  hphi, fact, out = bh / hh - 1.0, 1.0, []
+  for j in range(1, count + 1):
+    out.append(hphi * fact / bh)
+    fact *= j + 1
+    hphi = hphi / hh - 1.0 / fact
+  return out
+
+
+def plain_unipc(x, key, n):
+  """UniPC-2 with its corrector UniC (bh2; n > 2): predictor x_{i+1} = c x_i - alpha phi m_i
+  - alpha B(h) rho (m_{i-1} - m_i) / r (order 2, rho = 1/2, r = (lambda_{i-1} - lambda_i)/h; order 1 at i = 0);
+  corrector of x_i from x_{i-1} with the new m_i: x_i = c x_{i-1} - alpha phi m_{i-1}
+  - alpha B(h) sum_k rho_k D_k, D over (m_{i-2}, r) and (m_i, r = 1), rho from [[1, 1], [r, 1]] rho = (b1, b2)
+  (order 1, rho = 1/2, at i = 1)."""
+  def body(carry, i):
+    x, x_prev, m1, m2 = carry
+    t = _t_log_snr(i, n)
+    x0 = _x0(x, den(x, None, None), VP, t)
+    lam, lam1, lam2 = _lam(i, n), _lam(jnp.maximum(i - 1, 0), n), _lam(jnp.maximum(i - 2, 0), n)
+    # Corrector of x_i (step i - 1 -> i).
+    hc = jnp.where(i > 0, lam - lam1, 1.0)
+    ac, bc = VP.alpha(t), jnp.expm1(-hc)
+    rc = jnp.where(i > 1, (lam2 - lam1) / hc, -1.0)
+    b1, b2 = _unipc_b(hc, 2)
+    det = rc - 1.0                                  # [[1, 1], [rc, 1]] rho = [b1, b2]
+    rho_e, rho_n = (b2 - b1) / det, (rc * b1 - b2) / det
+    rho_e, rho_n = jnp.where(i > 1, rho_e, 0.0), jnp.where(i > 1, rho_n, 0.5)
+    corr = (VP.sigma(t) / VP.sigma(_t_log_snr(jnp.maximum(i - 1, 0), n)) * x_prev - ac * bc * m1
+            - ac * bc * (rho_e * (m2 - m1) / rc + rho_n * (x0 - m1)))
+    xc = jnp.where(i > 0, corr, x)
+    # Predictor i -> i + 1.
+    tn = _t_log_snr(i + 1, n)
+    h = _lam(i + 1, n) - lam
+    a, phi = VP.alpha(tn), jnp.expm1(-h)
+    r = jnp.where(i > 0, (lam1 - lam) / h, -1.0)
+    rho = jnp.where(i > 0, 0.5, 0.0)
+    xn = VP.sigma(tn) / VP.sigma(t) * xc - a * phi * x0 - a * phi * rho * (m1 - x0) / r
+    return (xn, xc, x0, m1)
+  z = jnp.zeros_like(x)
+  x = _scan(body, (x, z, z, z), n)[0]
+  return _x0(x, den(x, None, None), VP, _t_log_snr(jnp.int32(n - 1), n))
+
+
+def plain_consistency(x, key, n):
+  """Multistep consistency sampling (Song et al. 2023, alg. 1) on the trailing grid: f = a x + b x0_hat
+  (`distill.consistency_weights`, boundary 1e-3, sigma_data 0.5), x_{i+1} = alpha_{i+1} f + sigma_{i+1} z_i;
+  the last step returns f."""
+  def f(x, t):
+    a, b = distill.consistency_weights(VP, t, T_MIN, 0.5)
+    return a * x + b * _x0(x, den(x, None, None), VP, t)
+  def body(x, i):
+    tn = _t_trailing(i + 1, n)
+    return VP.alpha(tn) * f(x, _t_trailing(i, n)) + VP.sigma(tn) * _normal(key, i)
+  x = _scan(body, x, n)
+  return f(x, _t_trailing(jnp.int32(n - 1), n))
+
+
 def plain_ddim_cfg(x, key, n, labels, w):
   return plain_ddim(x, key, n, eps_fn=lambda x: _guided(x, labels, w))
 
@@ -307,6 +405,35 @@ def coef_pc(x, key, n):
   return jax.lax.scan(body, x, jnp.arange(n))[0]
 
 
+def coef_dpm3m(x, key, n):
+  a, s, an, c = _coef(n)
+  def body(carry, i):
+    x, m1, m2 = carry
+    x0 = (x - s[i] * den(x, None, None)) / a[i]
+    return (c[i] * x + an[i] * x0 + s[i] * m1 + a[i] * m2, x0, m1), None
+  z = jnp.zeros_like(x)
+  return jax.lax.scan(body, (x, z, z), jnp.arange(n))[0][0]
+
+
+def coef_unipc(x, key, n):
+  a, s, an, c = _coef(n)
+  def body(carry, i):
+    x, x_prev, m1, m2 = carry
+    x0 = (x - s[i] * den(x, None, None)) / a[i]
+    xc = c[i] * x_prev + an[i] * m1 + s[i] * m2 + a[i] * x0
+    return (c[i] * xc + an[i] * x0 + s[i] * m1, xc, x0, m1), None
+  z = jnp.zeros_like(x)
+  return jax.lax.scan(body, (x, z, z, z), jnp.arange(n))[0][0]
+
+
+def coef_consistency(x, key, n):
+  a, s, an, c = _coef(n)
+  def body(x, i):
+    f = a[i] * x + s[i] * (x - c[i] * den(x, None, None)) / an[i]
+    return an[i] * f + c[i] * _normal(key, i), None
+  return jax.lax.scan(body, x, jnp.arange(n))[0]
+
+
 def coef_ddim_cfg(x, key, n, labels, w):
   return coef_ddim(x, key, n, eps_fn=lambda x: _guided(x, labels, w))
 
@@ -322,11 +449,14 @@ CASES = {  # row -> (method, schedule, plain floor, coef floor, guided)
     "heun": ("heun", VP, lambda x, k, n: plain_euler(x, k, n, heun=True),
              lambda x, k, n: coef_euler(x, k, n, heun=True), False),
     "dpm_solver_pp_2m": ("dpm_solver_pp_2m", VP, plain_dpm, coef_dpm, False),
+    "dpm_solver_pp_3m": ("dpm_solver_pp_3m", VP, plain_dpm3m, coef_dpm3m, False),
+    "unipc": ("unipc", VP, plain_unipc, coef_unipc, False),
     "flow_euler": ("flow_euler", FLOW, plain_flow, coef_flow, False),
     "flow_heun": ("flow_heun", FLOW, lambda x, k, n: plain_flow(x, k, n, heun=True),
                   lambda x, k, n: coef_flow(x, k, n, heun=True), False),
     "euler_maruyama": ("euler_maruyama", VP, plain_em, coef_em, False),
     "pc": ("pc", VP, plain_pc, coef_pc, False),
+    "consistency": ("consistency", VP, plain_consistency, coef_consistency, False),
     "ddim+cfg": ("ddim", VP, plain_ddim_cfg, coef_ddim_cfg, True),
     "dpm_solver_pp_2m+cfg": ("dpm_solver_pp_2m", VP, plain_dpm_cfg, coef_dpm_cfg, True),
 }
