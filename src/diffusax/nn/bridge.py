@@ -10,7 +10,8 @@ variance channels) comes from the caller, who trained the network for it:
   * `model(module, variables, target, schedule)` -> the `core.Model` of a trained network, with
     learned_variance from the module's own `learn_sigma` (so no caller can disagree with it).
   * `denoiser(module, variables)` -> denoise(x_t [B, ...], t scalar or [B],
-    cond labels [B] or None, or {"label": labels, "w": w [B]} for a `guidance_embed` network)
+    cond labels [B] or None, or {"label": labels, "w": w [B]} for a `guidance_embed` network,
+    or a `core.conditioning.Cond` for an image-conditioned network: `cond_kwargs`)
     -> [B, ...] float32 (2x channels with learn_sigma; `split_variance` separates
     [prediction | var_interp]).
   * `condition(module, model, labels, scale, null_class)` -> (model, cond): how a sampler guides
@@ -27,20 +28,44 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusax.core import conditioning
+
 F32 = jnp.float32
+
+
+def cond_kwargs(module: nn.Module, cond: conditioning.Cond) -> dict:
+  """The module keyword arguments of a Cond's non-label parts; absent (None) parts are left out.
+
+  image -> low_res [B, h, w, c] (the network resizes it to its resolution); aug_level -> aug_level [B];
+  has_image -> has_image [B] only for a network with `cond_dropout` (`conditioning.present`: ones when
+  None); any other network ignores the flag (a dropped image is zeros either way).
+  """
+  if cond.image is None and cond.has_image is not None:
+    raise ValueError("the Cond has has_image but no image part")
+  kwargs = {}
+  if cond.image is not None:
+    kwargs["low_res"] = cond.image
+    if getattr(module, "cond_dropout", False):
+      kwargs["has_image"] = conditioning.present(cond)
+  if cond.aug_level is not None:
+    kwargs["aug_level"] = cond.aug_level
+  return kwargs
 
 
 def denoiser(module: nn.Module, variables, *, train: bool = False, rngs=None) -> Callable:
   """denoise(x_t, t, cond) = module.apply(variables, x_t, t, cond, train=train).
 
   `variables` is the full dict ({"params": ...}), boxed or unboxed; `rngs`
-  (e.g. {"dropout": key}) only matters with train=True.
+  (e.g. {"dropout": key}) only matters with train=True. A `conditioning.Cond` is applied as
+  module.apply(variables, x_t, t, cond.label, train=train, **cond_kwargs(module, cond)).
   """
   if train and rngs is None and getattr(module, "dropout", 0.0):
     raise ValueError("denoiser(train=True) with dropout needs rngs={'dropout': key}")
 
   def denoise(x_t, t, cond=None):
     t = jnp.broadcast_to(jnp.asarray(t, F32), (x_t.shape[0],))
+    if isinstance(cond, conditioning.Cond):
+      return module.apply(variables, x_t, t, cond.label, train=train, rngs=rngs, **cond_kwargs(module, cond))
     if isinstance(cond, dict):  # Named parts: {"label": y, "w": guidance weight} (a w-conditioned student).
       extra = {k: v for k, v in cond.items() if k != "label"}
       return module.apply(variables, x_t, t, cond.get("label"), train=train, rngs=rngs, **extra)

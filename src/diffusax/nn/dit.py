@@ -1,11 +1,12 @@
 """Diffusion Transformer with adaLN-zero conditioning (Peebles & Xie 2023).
 
     x [B, H, W, C], t [B] in [0, 1], y [B] int or None -> [B, H, W, C_out] float32
+    optional: low_res [B, h, w, c_lr], aug_level [B] float, has_image [B] float (see below)
 
 x is cut into non-overlapping p x p patches by a stride-p conv to
 N = (H/p)(W/p) tokens of width `hidden_size`, plus fixed 2-D sin-cos position
 embeddings. The condition c = TimeEmbedding(t) [+ ClassEmbedding(y)]
-(frequency features of 1000 t, 256 wide) drives each block:
+[+ AugEmbedding(aug_level)] (frequency features of 1000 t, 256 wide) drives each block:
 
     shift1, scale1, gate1, shift2, scale2, gate2 = Dense(SiLU(c))   (zero init)
     x = x + gate1 * Attn(LN(x) (1 + scale1) + shift1)
@@ -16,6 +17,14 @@ LN(x)(1 + scale) + shift -> Dense(p p C_out), is zero-initialised too, so the
 network outputs exactly zero at init. Tokens are then folded back to
 [B, H, W, C_out]. With `learn_sigma`, C_out = 2 C: [prediction | var_interp] as in
 the U-Net (see `diffusax.nn.unet`).
+
+Image condition, as in the U-Net (a `core.conditioning.Cond` through `bridge.denoiser`): with
+`low_res_channels > 0` the kwarg `low_res` [B, h, w, low_res_channels] is resized bilinearly to
+H x W (`jax.image.resize` "bilinear", half-pixel centres) and concatenated to x on channels BEFORE
+patchify, then (`cond_dropout`) has_image [B] as one constant channel: the patch conv sees
+C + low_res_channels (+ 1) channels; C_out stays C. With `aug_embed`, aug_level [B] (CDM sec. 4.3)
+is embedded like t (params "aug_embedder") and added to c. With these off the parameters are those
+of the label-only network.
 
 Published sizes (Table 1; 32x32x4 latents, p = 2, 1000 classes,
 learn_sigma): S (384 wide, 12 deep, 6 heads) 33M, B (768, 12, 12) 130M.
@@ -90,7 +99,9 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
   """Diffusion Transformer; see the module docstring for shapes and options.
 
-  Call: `apply(variables, x, t, y=None, train=False)`. The residual stream is
+  Call: `apply(variables, x, t, y=None, train=False, w=None, low_res=None, aug_level=None,
+  has_image=None)` (the last three: the image condition's parts, each required exactly when its
+  option is on). The residual stream is
   kept in float32; matmuls run in `dtype`. DiT has no dropout, so `train` only
   exists for the shared call signature.
   """
@@ -106,11 +117,14 @@ class DiT(nn.Module):
   time_scale: float = 1000.0             # sinusoidal features see t * time_scale
   frequency_dim: int = 256               # width of the time features
   guidance_embed: bool = False           # a guidance-weight input w added to the conditioning (guided distillation)
+  low_res_channels: int = 0              # > 0: expect `low_res` [B, h, w, low_res_channels] (the image condition)
+  aug_embed: bool = False                # an augmentation level aug_level [B] added to the conditioning (CDM sec. 4.3)
+  cond_dropout: bool = False             # has_image [B] as one more input channel (image dropped for CFG)
   dtype: Dtype = F32                     # compute dtype
   param_dtype: Dtype = F32               # parameter dtype
 
   @nn.compact
-  def __call__(self, x, t, y=None, train: bool = False, w=None):
+  def __call__(self, x, t, y=None, train: bool = False, w=None, low_res=None, aug_level=None, has_image=None):
     del train
     if x.ndim != 4:
       raise layers.InputShapeError(f"DiT expects x of shape [B, H, W, C]; got {tuple(x.shape)}")
@@ -125,6 +139,9 @@ class DiT(nn.Module):
     y = embeddings.check_labels(y, self.num_classes, b)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gh, gw = hh // p, ww // p
+    aug_level = embeddings.check_aug_level(aug_level, self.aug_embed, b, "DiT")
+    x = embeddings.image_input(x, low_res, has_image, channels=self.low_res_channels,
+                               cond_dropout=self.cond_dropout, where="DiT")
 
     h = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", name="x_embedder", **kw,
                 kernel_init=layers.boxed(_xavier, (None, None, "conv_in", "conv_out")),
@@ -138,6 +155,9 @@ class DiT(nn.Module):
     w = embeddings.check_guidance(w, self.guidance_embed, b)
     if w is not None:
       cond = cond + embeddings.GuidanceEmbedding(d, self.frequency_dim, name="w_embedder", **kw)(w).astype(F32)
+    if aug_level is not None:
+      cond = cond + embeddings.TimeEmbedding(d, self.frequency_dim, "sinusoidal", self.time_scale,
+                                             kernel_init=_normal002, name="aug_embedder", **kw)(aug_level).astype(F32)
     for i in range(self.depth):
       h = DiTBlock(self.num_heads, self.mlp_ratio, name=f"block_{i}", **kw)(h, cond)
 

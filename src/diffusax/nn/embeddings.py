@@ -1,4 +1,5 @@
-"""Time and class embeddings shared by the U-Net, DiT, classifier and MLP.
+"""Time and class embeddings shared by the U-Net, DiT, classifier and MLP, and the checks and input
+layout of the dense-image condition (`diffusax.core.conditioning.Cond`) the U-Net and DiT share.
 
 Time is continuous, t in [0, 1] (t = 0 data, t = 1 prior), float [B] or scalar.
 A discrete-step model passes t = (i + 1) / T; the sinusoidal features see
@@ -15,6 +16,13 @@ t * time_scale (1000 by default), i.e. the DDPM step index i + 1.
   * `TimeEmbedding`: features -> Dense -> SiLU -> Dense: [B] -> [B, dim].
   * `ClassEmbedding`: table of num_classes + 1 rows; row num_classes is the
     null class used for classifier-free guidance (labels == num_classes).
+  * `check_aug_level`: the augmentation time s [B] of a noise-augmented image condition (CDM,
+    Ho et al. 2021, sec. 4.3); a network embeds it with its own `TimeEmbedding` (sinusoidal of
+    time_scale * s) added to the time embedding.
+  * `image_input`: x [B, H, W, C] with the image condition [B, h, w, c] resized to H x W
+    (`jax.image.resize` "bilinear": half-pixel centres, triangle kernel, antialiased when
+    shrinking) and, for a network trained with image dropout, has_image [B] as one constant
+    channel concatenated on channels: [B, H, W, C + c (+ 1)].
 """
 from __future__ import annotations
 
@@ -164,3 +172,56 @@ class ClassEmbedding(nn.Module):
     table = self.param("embedding", layers.boxed(nn.initializers.normal(self.stddev), ("vocab", "embed")),
                        (self.num_classes + 1, self.dim), self.param_dtype)
     return jnp.take(table, y, axis=0).astype(self.dtype)
+
+
+def check_aug_level(aug_level, aug_embed: bool, batch: int, where: str):
+  """Validates the augmentation level s against the network's `aug_embed`; returns float32 [B] or None."""
+  if not aug_embed:
+    if aug_level is not None:
+      raise ValueError(f"aug_level was given but the {where} has aug_embed=False")
+    return None
+  if aug_level is None:
+    raise ValueError(f"the {where} has aug_embed=True: pass aug_level of shape [{batch}] (the augmentation "
+                     f"time s of the image condition, 0 = clean)")
+  if jnp.shape(aug_level) != (batch,):
+    raise ValueError(f"{where}: aug_level must have shape [{batch}] (one level per example); "
+                     f"got {tuple(jnp.shape(aug_level))}")
+  return jnp.asarray(aug_level, F32)
+
+
+def image_input(x, low_res, has_image, *, channels: int, cond_dropout: bool, where: str):
+  """x [B, H, W, C] -> [B, H, W, C + channels (+ 1)] float32 with the image condition, or x unchanged
+  when channels == 0 (then low_res and has_image must be None).
+
+  low_res [B, h, w, channels] is resized to H x W by `jax.image.resize(..., "bilinear")` (half-pixel
+  centres; an image already H x W is kept as it is) and concatenated after x (ADM `SuperResModel`).
+  With cond_dropout, has_image [B] (1 = image given, 0 = dropped for CFG, the image then zeros) follows
+  as one constant channel, so the network can tell "no image" from a black image.
+  """
+  b, hh, ww, _ = x.shape
+  if not channels:
+    if low_res is not None:
+      raise ValueError(f"low_res was given but the {where} has low_res_channels=0")
+    if cond_dropout:
+      raise layers.OptionError(f"{where}: cond_dropout=True flags a dropped image condition; it needs "
+                               f"low_res_channels > 0")
+    if has_image is not None:
+      raise ValueError(f"has_image was given but the {where} has cond_dropout=False")
+    return x
+  if low_res is None or jnp.ndim(low_res) != 4 or low_res.shape[0] != b or low_res.shape[-1] != channels:
+    got = None if low_res is None else tuple(jnp.shape(low_res))
+    raise ValueError(f"{where} with low_res_channels={channels} needs low_res of shape "
+                     f"[{b}, h, w, {channels}]; got {got}")
+  parts = [x.astype(F32), jax.image.resize(jnp.asarray(low_res, F32), (b, hh, ww, channels), "bilinear")]
+  if not cond_dropout:
+    if has_image is not None:
+      raise ValueError(f"has_image was given but the {where} has cond_dropout=False")
+  else:
+    if has_image is None:
+      raise ValueError(f"the {where} has cond_dropout=True: pass has_image of shape [{b}] "
+                       f"(1 = image given, 0 = dropped)")
+    if jnp.shape(has_image) != (b,):
+      raise ValueError(f"{where}: has_image must have shape [{b}] (one flag per example); "
+                       f"got {tuple(jnp.shape(has_image))}")
+    parts.append(jnp.broadcast_to(jnp.asarray(has_image, F32)[:, None, None, None], (b, hh, ww, 1)))
+  return jnp.concatenate(parts, axis=-1)

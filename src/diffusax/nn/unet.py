@@ -1,6 +1,7 @@
 """DDPM / ADM U-Net (Ho et al. 2020; Nichol & Dhariwal 2021; Dhariwal & Nichol 2021).
 
     x [B, H, W, C], t [B] in [0, 1], y [B] int or None -> [B, H, W, C_out] float32
+    optional: low_res [B, h, w, c_lr], aug_level [B] float, has_image [B] float (see below)
 
 Structure (ADM's `UNetModel`): conv_in; per level `num_res_blocks` ResBlocks
 (self-attention after each when the feature map is r x r with r in
@@ -10,8 +11,8 @@ ResBlock-attention-ResBlock; the mirrored decoder with `num_res_blocks + 1`
 ResBlocks per level, each consuming one skip connection; GroupNorm, SiLU,
 zero-initialised conv_out.
 
-Conditioning: emb = TimeEmbedding(t) [+ ClassEmbedding(y)], width 4 x
-base_channels. Each ResBlock maps SiLU(emb) to either a per-channel bias
+Conditioning: emb = TimeEmbedding(t) [+ ClassEmbedding(y)] [+ AugEmbedding(aug_level)],
+width 4 x base_channels. Each ResBlock maps SiLU(emb) to either a per-channel bias
 (DDPM) or a scale and shift applied after its second GroupNorm,
 h = GN(h) (1 + scale) + shift (ADM, `scale_shift_norm=True`).
 
@@ -20,9 +21,15 @@ is the target prediction, [..., C_out:] the raw improved-DDPM interpolation
 value var_interp (about [-1, 1]; `core.Prediction.var_interp`), log Sigma = f log beta +
 (1 - f) log beta_tilde with f = (var_interp + 1)/2 (Nichol & Dhariwal 2021, eq. 15) - the sampler maps it.
 
-Super-resolution (`low_res_channels > 0`): the call kwarg `low_res`
-[B, h, w, low_res_channels] is resized bilinearly to H x W and concatenated to
-x along channels (ADM `SuperResModel`).
+Image condition (`low_res_channels > 0`; a `core.conditioning.Cond` through `bridge.denoiser`):
+the call kwarg `low_res` [B, h, w, low_res_channels] (low-resolution image, grayscale, masked
+image + mask) is resized bilinearly to H x W (`jax.image.resize` "bilinear", half-pixel centres;
+antialiased when h > H) and concatenated to x along channels (ADM `SuperResModel`). With
+`cond_dropout`, the flag has_image [B] (0 where CFG dropped the image, which is then zeros) follows
+as one constant channel: conv_in sees C + low_res_channels (+ 1) channels. With `aug_embed`, the
+augmentation time s = aug_level [B] of a noise-augmented image (CDM, Ho et al. 2021, sec. 4.3) is
+embedded like t (sinusoidal of time_scale * s -> Dense -> SiLU -> Dense, params "aug_embed") and
+added to emb. With all three off the parameters are those of the label-only network.
 
 With ch=128, mult (1, 2, 2, 2), 2 res blocks, attention at 16, 1 head,
 scale_shift_norm=False on 32x32x3 this is the DDPM CIFAR-10 model: 35.7M
@@ -33,7 +40,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from diffusax.nn import embeddings, layers
@@ -193,8 +199,9 @@ def fourier_features(x, exponents: Sequence[int]):
 class UNet(nn.Module):
   """ADM/DDPM U-Net denoiser; see the module docstring for shapes and options.
 
-  Call: `apply(variables, x, t, y=None, train=False, low_res=None, w=None)` (w: the guidance weight
-  of a guidance_embed network); with
+  Call: `apply(variables, x, t, y=None, train=False, low_res=None, w=None, aug_level=None,
+  has_image=None)` (w: the guidance weight of a guidance_embed network; low_res, aug_level,
+  has_image: the image condition's parts, each required exactly when its option is on); with
   train=True pass `rngs={"dropout": key}` when dropout > 0.
   """
   out_channels: int | None = None          # None -> channels of x
@@ -214,7 +221,10 @@ class UNet(nn.Module):
   time_scale: float = 1000.0               # sinusoidal features see t * time_scale
   fourier_scale: float = 16.0              # std of random Fourier frequencies
   num_groups: int = 32                     # GroupNorm groups (must divide every width)
-  low_res_channels: int = 0                # > 0: expect `low_res` for super-resolution
+  low_res_channels: int = 0                # > 0: expect `low_res` [B, h, w, low_res_channels] (the image condition)
+  aug_embed: bool = False                  # an augmentation level aug_level [B], embedded and added to the time
+                                           # embedding (noise-conditioning augmentation, CDM sec. 4.3)
+  cond_dropout: bool = False               # has_image [B] as one more input channel (image dropped for CFG)
   fourier_features: Sequence[int] = ()     # exponents n: sin and cos of 2^n 2 pi x appended to the input (VDM)
   remat: bool = False                      # recompute ResBlock activations in backward (memory for compute)
   guidance_embed: bool = False             # a guidance-weight input w, embedded and added to the time
@@ -223,10 +233,10 @@ class UNet(nn.Module):
   param_dtype: Dtype = F32                 # parameter dtype
 
   @nn.compact
-  def __call__(self, x, t, y=None, train: bool = False, low_res=None, w=None):
+  def __call__(self, x, t, y=None, train: bool = False, low_res=None, w=None, aug_level=None, has_image=None):
     if x.ndim != 4:
       raise layers.InputShapeError(f"UNet expects x of shape [B, H, W, C]; got {tuple(x.shape)}")
-    b, hh, ww, c = x.shape
+    b, c = x.shape[0], x.shape[-1]
     check_resolution(x.shape, len(self.channel_mult))
     check_widths(self.base_channels, self.channel_mult, self.num_groups)
     t = embeddings.batch_times(t, b)
@@ -240,15 +250,12 @@ class UNet(nn.Module):
     w = embeddings.check_guidance(w, self.guidance_embed, b)
     if w is not None:
       emb = emb + embeddings.GuidanceEmbedding(emb_dim, self.base_channels, name="guidance_embed", **kw)(w)
-    if self.low_res_channels:
-      if low_res is None or low_res.ndim != 4 or low_res.shape[0] != b or low_res.shape[-1] != self.low_res_channels:
-        got = None if low_res is None else tuple(low_res.shape)
-        raise ValueError(f"UNet with low_res_channels={self.low_res_channels} needs low_res of shape "
-                         f"[{b}, h, w, {self.low_res_channels}]; got {got}")
-      up = jax.image.resize(low_res.astype(F32), (b, hh, ww, self.low_res_channels), "bilinear")
-      x = jnp.concatenate([x.astype(F32), up], axis=-1)
-    elif low_res is not None:
-      raise ValueError("low_res was given but the UNet has low_res_channels=0")
+    aug_level = embeddings.check_aug_level(aug_level, self.aug_embed, b, "UNet")
+    if aug_level is not None:
+      emb = emb + embeddings.TimeEmbedding(emb_dim, self.base_channels, "sinusoidal", self.time_scale,
+                                           name="aug_embed", **kw)(aug_level)
+    x = embeddings.image_input(x, low_res, has_image, channels=self.low_res_channels,
+                               cond_dropout=self.cond_dropout, where="UNet")
     if self.fourier_features:
       x = jnp.concatenate([x.astype(F32), fourier_features(x[..., :c], self.fourier_features)], axis=-1)
 
