@@ -1,4 +1,4 @@
-"""Latent diffusion, stage 2: a class-conditional U-Net on the 8x8x4 latents of configs/photos_autoencoder.py.
+"""Latent diffusion, stage 2: a class-conditional U-Net on the 8x8x8 latents of configs/photos_autoencoder.py.
 
     python -m diffusax.main --config=configs/photos_autoencoder.py --workdir=runs/photos_ae
     python -m diffusax.main --config=configs/photos_latent.py --workdir=runs/photos_latent \

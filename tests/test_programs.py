@@ -246,7 +246,8 @@ def test_a_non_shape_error_at_init_is_not_reported_as_a_shape_problem(tmp_path):
     setup_lib.abstract_init(s, module, (2,))
   assert not isinstance(e.value, ConfigError)
   # An option no program can serve is a one-line config error naming it.
-  with pytest.raises(ConfigError, match=r"model.unet.low_res_channels=3: a super-resolution network needs"):
+  with pytest.raises(ConfigError, match=r"model.unet.low_res_channels=3: a super-resolution network's condition "
+                                        r"comes from the task: set task.name"):
     setup_lib.build_module(settings_lib.parse(_parse_flags("--config.model.unet.low_res_channels=3")), 10)
 
 

@@ -78,7 +78,8 @@ def model_signature(abstract_params, model_settings: dict) -> dict:
 # Network options added after checkpoints were written, with the value that leaves the network as it was:
 # at that value an option is the same as its absence (either side of a comparison), so checkpoints from
 # before the option match. The programs also leave them out of new signatures at that value.
-NEUTRAL_KWARGS = {"fourier_features": [], "guidance_embed": False}
+NEUTRAL_KWARGS = {"fourier_features": [], "guidance_embed": False, "low_res_channels": 0, "aug_embed": False,
+                  "cond_dropout": False}
 
 
 def _without_neutral(model: dict) -> dict:

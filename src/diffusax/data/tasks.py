@@ -14,7 +14,8 @@ Inpainting masks are a function of (seed, example index) alone, never of the epo
 always gets the same mask, so the evaluation split's masks are fixed and identical between runs.
 
 `area_downsample` and `bilinear_resize` are the resize conventions networks and evaluation share;
-`make(name, **options)` builds a task from `TASKS`, `condition_shapes` says what it adds.
+`make(name, **options)` builds a task from `TASKS`, `condition_shapes` says what it adds; each task's
+`image(batch)` is the one dense condition the network sees (`image_shape`).
 """
 from __future__ import annotations
 
@@ -177,6 +178,10 @@ class InpaintingTask:
     _check_mask_size(h, w)
     return {"mask": (h, w, 1), "masked": (h, w, c)}
 
+  def image(self, batch: dict) -> np.ndarray:
+    """The network's dense condition [B, H, W, C + 1]: the masked image, then the mask."""
+    return np.concatenate([batch["masked"], batch["mask"]], axis=-1)
+
   def __call__(self, batch: dict, seed: int, epochs: np.ndarray, indices: np.ndarray) -> dict:
     del epochs  # The same example gets the same mask in every epoch.
     x = np.asarray(batch["x"], np.float32)
@@ -200,6 +205,10 @@ class GenerateTask:
     del image_shape
     return {}
 
+  def image(self, batch: dict):
+    del batch
+    return None
+
   def __call__(self, batch: dict, seed: int, epochs: np.ndarray, indices: np.ndarray) -> dict:
     del seed, epochs, indices
     return dict(batch)
@@ -219,6 +228,10 @@ class SuperResolutionTask:
     _check_divisible(h, w, self.factor)
     return {"low_res": (h // self.factor, w // self.factor, c)}
 
+  def image(self, batch: dict) -> np.ndarray:
+    """The network's dense condition: 'low_res' [B, H/f, W/f, C]."""
+    return batch["low_res"]
+
   def __call__(self, batch: dict, seed: int, epochs: np.ndarray, indices: np.ndarray) -> dict:
     del seed, epochs, indices
     return {**batch, "low_res": area_downsample(np.asarray(batch["x"], np.float32), self.factor)}
@@ -233,6 +246,10 @@ class ColorizationTask:
     if c != 3:
       raise ValueError(f"colorization needs 3 (RGB) channels, got an image of shape {tuple(image_shape)}")
     return {"gray": (h, w, 1)}
+
+  def image(self, batch: dict) -> np.ndarray:
+    """The network's dense condition: 'gray' [B, H, W, 1]."""
+    return batch["gray"]
 
   def __call__(self, batch: dict, seed: int, epochs: np.ndarray, indices: np.ndarray) -> dict:
     del seed, epochs, indices
@@ -264,8 +281,38 @@ def make(name: str, **options):
   return TASKS[name](**options)
 
 
+def image_shape(name: str, image_shape, **options) -> tuple | None:
+  """Per-example shape of the one dense condition image a task hands the network (`task.image(batch)`):
+  the low-resolution image, the luma, or the masked image with its mask as a last channel; None for
+  `generate`."""
+  shapes = condition_shapes(name, image_shape, **options)
+  if not shapes:
+    return None
+  if "mask" in shapes:
+    h, w, c = shapes["masked"]
+    return (h, w, c + 1)
+  (shape,) = shapes.values()
+  return shape
+
+
 def condition_shapes(name: str, image_shape, **options) -> dict[str, tuple]:
   """{condition key: per-example shape} that task `name` adds for images of shape (H, W, C),
   e.g. super_resolution with factor 4 on (32, 32, 3): {'low_res': (8, 8, 3)}. Refuses what the task
   cannot take (a factor not dividing the size, colorization of non-RGB, a 1-pixel inpainting)."""
   return make(name, **options).condition_shapes(tuple(int(s) for s in image_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioned:
+  """A batch transform followed by a task: `base` (e.g. pipeline.ImageTransform) makes 'x', then `task`
+  adds its condition keys and 'cond_image' = task.image(...) (the network's one dense condition).
+  Picklable, for grain's workers."""
+  base: object
+  task: object
+
+  def __call__(self, batch: dict, seed: int, epochs: np.ndarray, indices: np.ndarray) -> dict:
+    out = self.task(self.base(batch, seed, epochs, indices), seed, epochs, indices)
+    image = self.task.image(out)
+    if image is not None:
+      out["cond_image"] = np.asarray(image, np.float32)
+    return out

@@ -106,6 +106,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.guidance = ml_collections.ConfigDict()
   c.guidance.label_dropout = 0.1     # P(label -> null class) in training, for classifier-free guidance.
 
+  c.task = ml_collections.ConfigDict()  # Image-conditioned diffusion: each example -> (target, condition image).
+  c.task.name = "generate"           # data.tasks.TASKS: generate (no image), super_resolution, colorization, inpainting.
+  c.task.factor = 2                  # super_resolution: the condition is the image area-downsampled by this factor.
+  c.task.mask_kind = "box"           # inpainting: holes are one "box", free-form "stroke"s, or "mixed".
+  c.task.image_dropout = 0.0         # P(the condition image is dropped) in training, for CFG on the image.
+  c.task.aug_max = 0.0               # Noise-conditioning augmentation (CDM): the condition is trained at
+                                     # q(z_s | z), s ~ U[0, aug_max], s given to the network (0: off).
+
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4                  # Peak learning rate (AdamW).
   c.optim.warmup_steps = 0           # Linear warmup steps.
@@ -170,6 +178,8 @@ def base_config() -> ml_collections.ConfigDict:
                                      # data in [-1, 1]: DDPM's "clip denoised"); 0: off.
   c.sample.guidance_interval = (0.0, 1.0)  # Guide (CFG or autoguidance) only for t in [lo, hi]
                                      # (Kynkaanniemi et al. 2024); outside, the unguided model.
+  c.sample.aug_level = 0.0           # Conditional tasks: the condition image at q(z_s | z) with this s (needs a
+                                     # model trained with task.aug_max > 0; 0: the clean condition).
 
   c.eval = ml_collections.ConfigDict()
   c.eval.metrics = ("fd", "kid", "class_accuracy", "bpd_vlb", "bpd_ode")  # --mode=eval: what to compute.

@@ -17,6 +17,7 @@ from diffusax.checkpoint import NEUTRAL_KWARGS  # options left out of signatures
 from diffusax.core import schedules
 from diffusax.core import targets as targets_lib
 from diffusax.programs.ae_settings import AESettings, LatentSettings  # noqa: F401 - part of this API
+from diffusax.programs.task_settings import TaskSettings
 from diffusax.programs.defaults import base_config
 from diffusax.programs.distill_settings import DistillSettings, parse_distill  # noqa: F401 - part of this API
 from diffusax.programs.errors import ConfigError, positive as _positive  # noqa: F401 - part of this API
@@ -171,6 +172,7 @@ class Settings:
   stage: str = "diffusion"                 # "autoencoder": stage 1 of latent diffusion (programs/autoencoder.py)
   autoencoder: AESettings = AESettings()
   latent: LatentSettings = LatentSettings()  # stage 2: the autoencoder whose latents the model learns
+  task: TaskSettings = TaskSettings()        # image-conditioned diffusion: the task and its condition
 
   @property
   def num_ema(self) -> int:
@@ -185,8 +187,11 @@ class Settings:
     """What identifies the network in a checkpoint."""
     kwargs = {k: v for k, v in self.model_kwargs.items() if k not in COMPUTE_ONLY_KWARGS
               and not (k in NEUTRAL_KWARGS and _jsonable(v) == NEUTRAL_KWARGS[k])}
-    return {"name": self.model_name, "kwargs": _jsonable(kwargs), "target": self.loss.target,
-            "schedule": self.schedule_name, "class_conditional": self.class_conditional}
+    out = {"name": self.model_name, "kwargs": _jsonable(kwargs), "target": self.loss.target,
+           "schedule": self.schedule_name, "class_conditional": self.class_conditional}
+    if self.task.enabled:
+      out["task"] = _jsonable(self.task.identity())
+    return out
 
 
 def _jsonable(v):
@@ -297,7 +302,29 @@ def parse(config: ml_collections.ConfigDict) -> Settings:
       mesh_strategy=c.mesh.strategy, eval=ev, mesh_ordered_reduction=bool(c.mesh.ordered_reduction),
       mesh_strict=bool(c.mesh.strict_sharding),
       ema=_parse_ema(c), learn_endpoints=bool(c.diffusion.learn_endpoints), distill=parse_distill(c),
-      stage=stage, autoencoder=ae_settings.parse_autoencoder(c), latent=ae_settings.parse_latent(c))
+      stage=stage, autoencoder=ae_settings.parse_autoencoder(c), latent=ae_settings.parse_latent(c),
+      task=_parse_task(c, loss))
+
+
+def _parse_task(c, loss: LossConfig) -> TaskSettings:
+  from diffusax.programs import task_settings
+  task = task_settings.parse_task(c)
+  if task.enabled:
+    if loss.objective != "simple":
+      raise ConfigError(f"task.name={task.name!r}: conditional tasks train the 'simple' objective, got "
+                        f"diffusion.objective={loss.objective!r}")
+    if c.latent.autoencoder_workdir:
+      raise ConfigError(f"task.name={task.name!r} conditions on pixels; latent diffusion "
+                        "(latent.autoencoder_workdir) does not take an image condition")
+    if c.stage != "diffusion":
+      raise ConfigError(f"task.name={task.name!r} is for diffusion models (stage='diffusion')")
+    if c.mesh.strategy == "pmap" or c.mesh.ordered_reduction:
+      raise ConfigError(f"task.name={task.name!r} runs on mesh.strategy='mesh' without mesh.ordered_reduction "
+                        "(neither the pmap path nor the fixed-order reduction takes an image condition)")
+    set_here = [k for k in ("low_res_channels", "aug_embed", "cond_dropout") if c.model[c.model.name].get(k)]
+    if set_here:
+      raise ConfigError(f"model.{c.model.name}.{set_here[0]} is set by the task (task.*), not by hand")
+  return task
 
 
 def _check_vdm(c, loss: LossConfig) -> None:

@@ -81,6 +81,7 @@ class ModelSetup:
   param_init: Any = None    # Jitted key -> boxed parameters (`make_param_init`); traced once per set-up.
   sharding_summary: str = ""  # One line: which parameters are sharded and which replicated (logged once).
   latent: Any = None          # Latent diffusion: the stage-1 autoencoder (setup_latent.Latent), else None.
+  cond_shape: tuple | None = None  # Conditional tasks: the condition image's per-example shape (task.*), else None.
 
 
 def build_module(s: Settings, num_classes: int | None):
@@ -89,16 +90,16 @@ def build_module(s: Settings, num_classes: int | None):
   kwargs = dict(s.model_kwargs)
   kwargs["num_classes"] = num_classes if s.class_conditional else None
   kwargs["dtype"] = jnp.bfloat16 if s.model_dtype == "bfloat16" else jnp.float32
-  if kwargs.get("low_res_channels", 0):
+  if kwargs.get("low_res_channels", 0) and not s.task.enabled:
     raise ConfigError(f"model.{s.model_name}.low_res_channels={kwargs['low_res_channels']}: a super-resolution "
-                      "network needs a low-resolution input, and no program feeds one yet; set it to 0")
+                      "network's condition comes from the task: set task.name (and leave low_res_channels at 0)")
   try:
     return nn.build(s.model_name, **kwargs)
   except ValueError as e:  # nn.build's own refusal of unknown options.
     raise ConfigError(f"model.{s.model_name}: {e}") from None
 
 
-def make_param_init(s: Settings, module, sample_shape: tuple):
+def make_param_init(s: Settings, module, sample_shape: tuple, cond_shape: tuple | None = None):
   """Jitted `key -> boxed params` of `module`, initialised on a batch of 2 zero examples of `sample_shape`
   (t = 0.5, labels 0). One function object per set-up: its `eval_shape` (the abstract parameters) and
   the state init that calls it share one trace of the network (jax caches the trace by function and
@@ -113,6 +114,12 @@ def make_param_init(s: Settings, module, sample_shape: tuple):
     t = jnp.full((b,), 0.5, jnp.float32)
     y = jnp.zeros((b,), jnp.int32) if cond else None
     extra = {"w": jnp.zeros((b,), jnp.float32)} if getattr(module, "guidance_embed", False) else {}
+    if cond_shape is not None:  # A conditional task's inputs (the image, its augmentation level, its flag).
+      extra["low_res"] = jnp.zeros((b,) + tuple(cond_shape), jnp.float32)
+      if getattr(module, "aug_embed", False):
+        extra["aug_level"] = jnp.zeros((b,), jnp.float32)
+      if getattr(module, "cond_dropout", False):
+        extra["has_image"] = jnp.ones((b,), jnp.float32)
     params = module.init({"params": k, "dropout": k}, x, t, y, train=False, **extra)["params"]
     if isinstance(template, schedules.Learned):  # Its trained fields, next to the network's (nn.bridge).
       hidden = template.net["l2_w"].shape[0]
@@ -126,7 +133,7 @@ def make_param_init(s: Settings, module, sample_shape: tuple):
   return jax.jit(param_init)
 
 
-def abstract_init(s: Settings, module, sample_shape: tuple, param_init=None):
+def abstract_init(s: Settings, module, sample_shape: tuple, param_init=None, cond_shape: tuple | None = None):
   """Boxed abstract parameters of `module` on examples of `sample_shape` (shapes only).
 
   Only the network's own refusals become ConfigErrors: `nn.InputShapeError`
@@ -135,7 +142,7 @@ def abstract_init(s: Settings, module, sample_shape: tuple, param_init=None):
   and propagates as it is.
   """
   from diffusax import nn
-  param_init = param_init or make_param_init(s, module, sample_shape)
+  param_init = param_init or make_param_init(s, module, sample_shape, cond_shape)
   try:
     return param_init.eval_shape(jax.random.key(0))
   except nn.InputShapeError as e:
@@ -177,6 +184,13 @@ def model_setup(s: Settings, devices=None, data: registry.Description | None = N
       raise ConfigError("diffusion.objective='vdm' models discrete pixel data; a latent model's data are continuous "
                         "latents (latent.autoencoder_workdir): use the 'simple' objective")
   s = settings_lib.with_null_class(s, data.num_classes)
+  cond_shape = None
+  if s.task.enabled:  # The task's condition image sets the network's extra inputs (and so its signature).
+    if data.transform != "image":
+      raise ConfigError(f"task.name={s.task.name!r} conditions on images; {s.data.name!r} holds vectors of shape "
+                        f"{tuple(data.shape)}")
+    cond_shape = s.task.image_shape(data.shape)
+    s = dataclasses.replace(s, model_kwargs={**s.model_kwargs, **s.task.network_kwargs(data.shape)})
   # L_vlb's first-step decoder (hybrid objective): 8-bit images are discretised, vectors continuous.
   s = dataclasses.replace(s, loss=dataclasses.replace(
       s.loss, decoder="discretized" if data.transform == "image" else "gaussian"))
@@ -189,8 +203,8 @@ def model_setup(s: Settings, devices=None, data: registry.Description | None = N
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
   module = build_module(s, data.num_classes)
-  param_init = make_param_init(s, module, data.shape)
-  boxed = abstract_init(s, module, data.shape, param_init)
+  param_init = make_param_init(s, module, data.shape, cond_shape)
+  boxed = abstract_init(s, module, data.shape, param_init, cond_shape)
   abstract_params = mesh_lib.unbox(boxed)
   try:
     param_shardings = mesh_lib.param_shardings(boxed, mesh, strict=s.mesh_strict)
@@ -202,7 +216,7 @@ def model_setup(s: Settings, devices=None, data: registry.Description | None = N
                     param_shardings=param_shardings,
                     signature=ckpt_lib.model_signature(abstract_params, model_settings), param_init=param_init,
                     sharding_summary=mesh_lib.sharding_summary(mesh_lib.placements(boxed, mesh, strict=s.mesh_strict),
-                                                               mesh), latent=latent)
+                                                               mesh), latent=latent, cond_shape=cond_shape)
 
 
 def follow_params(opt_state, param_sh, mesh):

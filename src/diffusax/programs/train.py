@@ -38,7 +38,7 @@ from diffusax.parallel import mesh as mesh_lib
 from diffusax.parallel import pmap as pmap_lib
 from diffusax.programs import settings as settings_lib
 from diffusax.programs import setup as setup_lib
-from diffusax.programs import setup_latent
+from diffusax.programs import setup_latent, setup_task
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
 from diffusax.programs.setup import (ModelSetup, TraceCounts, open_checkpointer, state_shardings,  # noqa: F401
@@ -160,6 +160,9 @@ def make_iterator(u: Setup, seed_offset: int = 0, source=None, *, train: bool = 
   s = u.s
   transform = (setup_latent.transform(u.latent, train) if u.latent is not None
                else pipeline.make_transform(u.data.transform, s.data, train=train))
+  if s.task.enabled:  # The condition of each example (from its index alone; data.tasks).
+    from diffusax.data import tasks
+    transform = tasks.Conditioned(transform, s.task.make())
   return pipeline.Loader(source if source is not None else u.source, s.train.batch_size,
                          seed=s.seed + seed_offset, process_index=jax.process_index(),
                          process_count=jax.process_count(), transform=transform,
@@ -169,6 +172,8 @@ def make_iterator(u: Setup, seed_offset: int = 0, source=None, *, train: bool = 
 def write_samples(u: Setup, params, step: int, workdir: str, logger: Logger, gen=None) -> str:
   """Generates the sample grid with EMA params and writes it as PNG."""
   s = u.s
+  if s.task.enabled:  # Conditions | samples | ground truth of held-out examples.
+    return setup_task.write_samples(u, params, step, workdir, logger, gen)
   if gen is None:
     gen = make_generator(u)
   if u.num_classes and s.class_conditional:
@@ -197,6 +202,8 @@ def write_samples(u: Setup, params, step: int, workdir: str, logger: Logger, gen
 
 def make_generator(u: Setup):
   s = u.s
+  if s.task.enabled:
+    return setup_task.make_generator(u)
   spec = generate.SamplerSpec(s.sample.method, s.sample.num_steps, s.sample.eta, s.sample.clip_x0,
                               s.sample.spacing, s.sample.order)
   return generate.make_generate(u.module, u.schedule, s.loss.target, spec,
@@ -209,7 +216,7 @@ def evaluate_loss(u: Setup, eval_fn, params, eval_source) -> float:
   it = make_iterator(u, source=eval_source, seed_offset=1, train=False)
   vals = []
   for i in range(min(u.s.train.eval_batches, it.batches_per_epoch)):
-    batch = to_global(next(it), u.mesh)
+    batch = to_global({k: v for k, v in next(it).items() if k in ("x", "label", "cond_image")}, u.mesh)
     vals.append(eval_fn(params, batch, jax.random.fold_in(jax.random.key(u.s.seed + 1), i)))
   it.close()
   return float(np.mean([float(v) for v in vals]))
@@ -257,6 +264,12 @@ class _Ahead:
     return self._out.get("value")
 
 
+def cond_config(u: Setup) -> step_lib.CondConfig | None:
+  """The train and eval steps' image condition of a conditional task (task.*), else None."""
+  t = u.s.task
+  return step_lib.CondConfig(image_dropout=t.image_dropout, aug_max=t.aug_max) if t.enabled else None
+
+
 def compile_ahead(runner: Runner, it: pipeline.Loader) -> _Ahead | None:
   """Starts compiling `runner`'s step for `it`'s batches on a thread (None on the pmap path); the
   training program starts it before the state's init and waits on `.result()` before the first step."""
@@ -286,9 +299,11 @@ def make_runner(u: Setup) -> Runner:
 
   train_step = step_lib.make_train_step(u.module.apply, u.tx, u.lr_fn, u.schedule, s.loss, s.ema_decays,
                                         s.ema_warmup, ordered_mesh=u.mesh if s.mesh_ordered_reduction else None,
-                                        ema_gammas=s.ema.gammas)
+                                        ema_gammas=s.ema.gammas, cond=cond_config(u))
   batch_sh = {"x": mesh_lib.batch_sharding(u.mesh, 1 + len(u.sample_shape)),
               "label": mesh_lib.batch_sharding(u.mesh, 1)}
+  if u.cond_shape is not None:
+    batch_sh["cond_image"] = mesh_lib.batch_sharding(u.mesh, 1 + len(u.cond_shape))
   rep = mesh_lib.replicated(u.mesh)
   step_fn = jax.jit(u.traces.wrap("train_step", train_step), in_shardings=(u.state_shardings, batch_sh),
                     out_shardings=(u.state_shardings, rep), donate_argnums=0)
@@ -431,7 +446,8 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
     state = init_state(u)
   if ahead is not None:
     ahead.result()
-  eval_fn = jax.jit(u.traces.wrap("eval_loss", step_lib.make_eval_loss(u.module.apply, u.schedule, s.loss)))
+  eval_fn = jax.jit(u.traces.wrap("eval_loss", step_lib.make_eval_loss(u.module.apply, u.schedule, s.loss,
+                                                                        cond_config(u))))
   eval_source = None
   if s.data.eval_split and u.latent is not None:
     eval_source = setup_latent.latent_source(u, s.data.eval_split, train=False, log=logger.info)
@@ -508,6 +524,9 @@ def _train_loop(u: Setup, workdir: str, logger: Logger, ckpt: ckpt_lib.Checkpoin
   logger.scalars({"eval_loss_ema": ev}, final_step)
   if evaluator is not None:
     result["eval"] = evaluator.evaluate(state.ema_params[0], final_step, workdir, logger)["metrics"]
+  if s.task.enabled:  # Held-out samples against the ground truth (and super-resolution's bicubic baseline).
+    result["task"] = setup_task.metrics(u, state.ema_params[0], gen)
+    logger.info(f"task metrics: {json.dumps(result['task'])}")
   if jax.process_index() == 0:
     storage.commit(storage.join(workdir, "metrics.json"), json.dumps({**result, "history": history}, indent=1).encode(), marker=False)
   logger.info(f"done: step {final_step}, eval loss (EMA) {ev:.5f}, samples in {grid}")

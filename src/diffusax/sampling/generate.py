@@ -68,6 +68,52 @@ def make_generate(module, schedule, target: str, spec: SamplerSpec, *, null_clas
   return jax.jit(gen)
 
 
+def condition(module, schedule, indices, labels, image, aug_level, key):
+  """The `core.conditioning.Cond` of a conditional task's samples: the clean condition image [N, h, w, c]
+  at q(z_s | z) with s = aug_level for a network trained with augmentation (noise from
+  fold_in(key, index), so a sample's condition depends on its index alone; s = 0 leaves it clean),
+  the labels when class-conditional."""
+  from diffusax.core import conditioning, process
+  image = jnp.asarray(image, jnp.float32)
+  s = None
+  if getattr(module, "aug_embed", False):
+    s = jnp.full((image.shape[0],), aug_level, jnp.float32)
+    eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), image.shape[1:], jnp.float32))(
+        jnp.asarray(indices, jnp.uint32))
+    image = jnp.where((s > 0)[:, None, None, None], process.q_sample(schedule, image, s, eps), image)
+  return conditioning.complete(conditioning.Cond(label=labels, image=image, aug_level=s))
+
+
+def guided_parts(module, labels, guide_on) -> tuple:
+  """The parts of a conditional task's Cond that CFG guides on: 'label' when there are labels, 'image' when
+  the network was trained with image dropout (`cond_dropout`), as far as `guide_on` names them."""
+  have = {"label": labels is not None, "image": bool(getattr(module, "cond_dropout", False))}
+  return tuple(p for p in guide_on if have.get(p))
+
+
+def make_generate_conditional(module, schedule, target: str, spec: SamplerSpec, *, null_class: int | None,
+                              sample_shape: tuple, guide_on=("label",)) -> Callable:
+  """Returns jitted gen(params, indices [N], labels [N] | None, image [N, h, w, c], aug_level, scale, key)
+  -> samples [N, *shape] of a conditional task's model (`condition`); CFG with weight `scale` on the
+  `guided_parts` (`core.conditioning.cfg_on`)."""
+  from diffusax.core import conditioning
+  from diffusax.nn import bridge
+
+  options = sampler_options(spec.method, spec.eta, spec.spacing, spec.order)
+
+  def gen(params, indices, labels, image, aug_level, scale, key):
+    model = bridge.model(module, {"params": params}, target, schedule)
+    cond = condition(module, model.schedule, indices, labels, image, aug_level, jax.random.fold_in(key, 2))
+    parts = guided_parts(module, labels, guide_on)
+    if parts:
+      model = conditioning.cfg_on(model, parts=parts, scale=scale, null_label=null_class)
+    x_T = initial_noise(jax.random.fold_in(key, 0), indices, sample_shape, model.schedule.prior_std)
+    return samplers.sample(model, x_T, key=jax.random.fold_in(key, 1), method=spec.method,
+                           num_steps=spec.num_steps, cond=cond, options=options, clip_x0=spec.clip_x0 or None)
+
+  return jax.jit(gen)
+
+
 def to_uint8(x) -> np.ndarray:
   """[-1, 1] floats -> uint8 [0, 255], rounding to the nearest level."""
   return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -81,6 +81,50 @@ class LossConfig:
       raise ValueError(f"unknown decoder {self.decoder!r}; allowed: ['discretized', 'gaussian']")
 
 
+@dataclasses.dataclass(frozen=True)
+class CondConfig:
+  """A conditional task's image condition in the step (`core.conditioning`): the batch holds it as
+  'cond_image' [B, h, w, c]; with aug_max > 0 it is corrupted to q(z_s | z), s ~ U[0, aug_max]
+  (noise-conditioning augmentation, CDM sec. 4.3), s handed to the network as aug_level; with
+  image_dropout > 0 it is replaced by zeros with probability image_dropout and the network told so
+  (has_image). Draws: fold_in(step key, COND_STREAM), then conditioning's own per-part streams."""
+  image_dropout: float = 0.0
+  aug_max: float = 0.0
+
+  def __post_init__(self):
+    if not 0.0 <= self.image_dropout <= 1.0:
+      raise ValueError(f"image_dropout must lie in [0, 1], got {self.image_dropout}")
+    if not 0.0 <= self.aug_max < 1.0:
+      raise ValueError(f"aug_max must lie in [0, 1), got {self.aug_max}")
+
+
+COND_STREAM = 0xC0D  # The conditional draws' key: fold_in(the step's key, COND_STREAM); the other four unchanged.
+
+
+def cond_inputs(schedule, cond: CondConfig, image, key, *, train: bool) -> dict:
+  """The network's keyword inputs of a condition image [B, h, w, c]: low_res, and aug_level / has_image
+  when the task trains them. train=False: the clean image (s = 0), never dropped."""
+  from diffusax.core import conditioning
+  image = jnp.asarray(image, jnp.float32)
+  b = image.shape[0]
+  out = {}
+  k_aug, k_drop = jax.random.split(key)
+  if cond.aug_max > 0:
+    if train:
+      image, s = conditioning.augment(schedule, k_aug, image, cond.aug_max)
+    else:
+      s = jnp.zeros((b,), jnp.float32)
+    out["aug_level"] = s
+  if cond.image_dropout > 0:
+    c = conditioning.Cond(image=image)
+    if train:
+      c = conditioning.drop(k_drop, c, label_p=0.0, image_p=cond.image_dropout)
+    c = conditioning.complete(c)
+    image, out["has_image"] = c.image, c.has_image
+  out["low_res"] = image
+  return out
+
+
 # "simple": core.losses.diffusion_loss of a network with target-sized output; "hybrid": improved DDPM's
 # L_simple + lambda L_vlb (core.losses.hybrid_loss) of a learned-variance network (2C output channels);
 # "vdm": VDM's continuous-time negative ELBO in bits/dim (core.losses.vdm_terms), which also trains a
@@ -117,9 +161,11 @@ def step_keys(state: TrainState):
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn: Callable,
                     schedule, loss: LossConfig, ema_decays, ema_warmup: bool = True,
-                    axis_name: str | None = None, axis_size: int = 1, ordered_mesh=None, ema_gammas=()):
+                    axis_name: str | None = None, axis_size: int = 1, ordered_mesh=None, ema_gammas=(),
+                    cond: CondConfig | None = None):
   """Builds the (unjitted) train step. `apply_fn(variables, x, t, y, train, rngs)` is a Flax apply.
 
+  `cond`: a conditional task's image condition (batch['cond_image'], `CondConfig`), else None.
   `axis_name`/`axis_size`: run under `pmap` over that axis of `axis_size` devices (see module doc).
   `ordered_mesh`: a (data, fsdp) mesh with fsdp = 1 over which the gradient is
   reduced in fixed device order (see module doc); jit the step over that mesh.
@@ -141,6 +187,9 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
     raise ValueError("the vdm objective and importance sampling are not implemented with the fixed-order reduction")
   if importance and not num_discrete:
     raise ValueError("importance-sampled times need a discrete schedule (its T steps)")
+  if cond is not None and (axis_name or ordered_mesh is not None or vdm or importance or loss.objective != "simple"):
+    raise ValueError("an image condition is implemented for the 'simple' objective on the mesh strategy "
+                     "(without the fixed-order reduction)")
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, Any]]:
     x = batch["x"]
@@ -172,9 +221,13 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, lr_fn:
       value, grads = _vdm_value_and_grad(apply_fn, schedule, loss, state.params, x, t, eps, eps_0, y, k_drop)
       return finish(state, value, grads)
     x_t = process.q_sample(schedule, x, t, eps)
+    extra = {}
+    if cond is not None:
+      key = jax.random.fold_in(state_lib.base_key(state), state.step)
+      extra = cond_inputs(schedule, cond, batch["cond_image"], jax.random.fold_in(key, COND_STREAM), train=True)
 
     def loss_sum(params, x_t, t, y, x, eps):
-      pred = apply_fn({"params": params}, x_t, t, y, train=True, rngs={"dropout": k_drop})
+      pred = apply_fn({"params": params}, x_t, t, y, train=True, rngs={"dropout": k_drop}, **extra)
       return jnp.sum(per_example_loss(schedule, loss, pred, x, eps, t))
 
     if importance:  # The weighted objective; the history takes the unweighted L_t of the global batch.
@@ -283,8 +336,9 @@ def _ordered_value_and_grad(loss_sum, mesh, params, rows):
   return jax.shard_map(local, mesh=mesh, in_specs=(P(), specs), out_specs=P(), check_vma=False)(params, present)
 
 
-def make_eval_loss(apply_fn: Callable, schedule, loss: LossConfig):
-  """(params, batch, key) -> mean loss with fixed draws from `key`, no dropout, labels kept."""
+def make_eval_loss(apply_fn: Callable, schedule, loss: LossConfig, cond: CondConfig | None = None):
+  """(params, batch, key) -> mean loss with fixed draws from `key`, no dropout, labels kept (and a
+  conditional task's clean condition image)."""
   num_discrete = getattr(schedule, "num_steps", None)
 
   sampler = "uniform_discrete" if loss.time_sampler == IMPORTANCE else loss.time_sampler  # unweighted
@@ -300,7 +354,8 @@ def make_eval_loss(apply_fn: Callable, schedule, loss: LossConfig):
       gammas = losses.vdm_gammas(bridge.bind_schedule(schedule, params), t)
       return jnp.mean(vdm_per_example(apply_fn, loss, params, x, t, eps, eps_0, y, None, gammas))
     x_t = process.q_sample(schedule, x, t, eps)
-    pred = apply_fn({"params": params}, x_t, t, y, train=False)
+    extra = {} if cond is None else cond_inputs(schedule, cond, batch["cond_image"], key, train=False)
+    pred = apply_fn({"params": params}, x_t, t, y, train=False, **extra)
     return jnp.mean(per_example_loss(schedule, loss, pred, x, eps, t))
 
   return eval_loss
