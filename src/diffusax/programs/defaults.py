@@ -181,6 +181,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.aug_level = 0.0           # Conditional tasks: the condition image at q(z_s | z) with this s (needs a
                                      # model trained with task.aug_max > 0; 0: the clean condition).
 
+  c.cascade = ml_collections.ConfigDict()  # --mode=sample / eval of a super-resolution model as a cascade's stage 2.
+  c.cascade.base_workdir = ""        # The base stage's workdir: its sample i is the condition of sample i
+                                     # ("" = the held-out split's low-resolution images).
+  c.cascade.base_step = -1           # Its checkpoint step (-1: the latest).
+  c.cascade.base_guidance_scale = 1.0  # The base stage's CFG scale (the labels are the job's).
+  c.cascade.truncated = False        # Truncated conditioning augmentation (CDM): the base stops at
+                                     # s = sample.aug_level and its x_s is the condition (else its x_0 at q(z_s | z)).
+
   c.eval = ml_collections.ConfigDict()
   c.eval.metrics = ("fd", "kid", "class_accuracy", "bpd_vlb", "bpd_ode")  # --mode=eval: what to compute.
   c.eval.num_samples = 900           # Generated samples for fd/kid/class_accuracy (digits: ~ a real half).

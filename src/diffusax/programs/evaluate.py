@@ -31,6 +31,7 @@ from diffusax.core import likelihood
 from diffusax.data import pipeline, registry
 from diffusax.evaluation import distances
 from diffusax.programs import setup as setup_lib
+from diffusax.programs import setup_task
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
 from diffusax.sampling import job as job_lib
@@ -85,10 +86,11 @@ class Evaluator:
   """
 
   def __init__(self, u: setup_lib.ModelSetup, traces: setup_lib.TraceCounts | None = None,
-               guide: setup_lib.GuideModel | None = None):
+               guide: setup_lib.GuideModel | None = None, base=None):
     check(u.s, u.data)
     self.u = u
     self.guide = guide  # Autoguidance's guiding model for the samples (setup.restore_guide), or None.
+    self.base = base    # A cascade's base stage (setup_task.restore_base), or None.
     self.traces = setup_lib.TraceCounts() if traces is None else traces
     self._cache: dict[str, object] = {}
 
@@ -123,14 +125,13 @@ class Evaluator:
 
   def _sample_metrics(self, params, step: int, workdir: str, logger: Logger) -> tuple[dict, dict]:
     u, s, ev = self.u, self.u.s, self.u.s.eval
-    spec = setup_lib.job_spec(u, step, num_samples=ev.num_samples, guide=self.guide)
+    spec = setup_lib.job_spec(u, step, num_samples=ev.num_samples, guide=self.guide, base=self.base)
     out_dir = storage.join(workdir, "eval", storage.basename(setup_lib.default_out_dir(workdir, spec))
                            + f"_n{spec.num_samples}")
     # The sample function depends on the sampler settings, not on the checkpoint step.
-    guide = self.guide.guide if self.guide is not None else None
-    fn = self._once("sample_fn", lambda: self.traces.wrap("eval_sample", job_lib.make_sample_fn(
-        u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class, guide=guide)))
-    setup_lib.run_sample_job(u, params, spec, out_dir, logger, sample_fn=fn, guide=self.guide)
+    fn = self._once("sample_fn", lambda: self.traces.wrap("eval_sample", setup_lib.job_fn(u, spec, self.guide,
+                                                                                         self.base)))
+    setup_lib.run_sample_job(u, params, spec, out_dir, logger, sample_fn=fn, guide=self.guide, base=self.base)
     gen = job_lib.load(out_dir)
     m, extra = {}, {"samples_dir": out_dir}
     want = set(ev.metrics)
@@ -271,6 +272,9 @@ def check(s: Settings, data) -> None:
   if bpd and data.transform == "latent":
     raise ConfigError(f"eval.metrics {bpd}: bits/dim are not defined for a latent diffusion model (its likelihood "
                       "is of latents, not of pixels); use fd, kid and class_accuracy")
+  if bpd and s.task.enabled:
+    raise ConfigError(f"eval.metrics {bpd}: the bits/dim evaluation is unconditional; a {s.task.name} model's "
+                      "likelihood is conditional on its image: use fd, kid and class_accuracy")
 
 
 def run(s: Settings, workdir: str, devices=None, traces: setup_lib.TraceCounts | None = None) -> dict:
@@ -280,7 +284,8 @@ def run(s: Settings, workdir: str, devices=None, traces: setup_lib.TraceCounts |
   Evaluator(u, traces)  # Refuses a missing weights file before loading anything.
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   try:
-    evaluator = Evaluator(u, traces, guide=setup_lib.restore_guide(u, logger))
+    base = setup_task.restore_base(u, logger) if u.s.task.enabled else None
+    evaluator = Evaluator(u, traces, guide=setup_lib.restore_guide(u, logger), base=base)
     params, step = setup_lib.restore_ema(u, workdir, u.s.sample.checkpoint_step, logger)
     return evaluator.evaluate(params, step, workdir, logger)
   finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 
 from diffusax.programs import setup as setup_lib
+from diffusax.programs import setup_task
 from diffusax.programs.logs import Logger
 from diffusax.programs.settings import ConfigError, Settings
 from diffusax.sampling import job as job_lib
@@ -24,14 +25,15 @@ def run(s: Settings, workdir: str, devices=None) -> dict:
   logger = Logger(workdir, enabled=jax.process_index() == 0)
   try:
     guide = setup_lib.restore_guide(u, logger)
+    base = setup_task.restore_base(u, logger) if u.s.task.enabled else None
     params, step = setup_lib.restore_ema(u, workdir, u.s.sample.checkpoint_step, logger)
-    spec = setup_lib.job_spec(u, step, guide=guide)
+    spec = setup_lib.job_spec(u, step, guide=guide, base=base)
     out_dir = u.s.sample.output_dir or setup_lib.default_out_dir(workdir, spec)
     how = f"autoguidance by {guide.tag}" if guide is not None else "CFG"
     logger.info(f"sampling {spec.num_samples} samples from step {step} with {spec.method} x {spec.num_steps}, "
                 f"w={spec.guidance_scale:g} ({how}), seed {spec.seed} -> {out_dir}")
     try:
-      out = setup_lib.run_sample_job(u, params, spec, out_dir, logger, guide=guide)
+      out = setup_lib.run_sample_job(u, params, spec, out_dir, logger, guide=guide, base=base)
     except job_lib.JobMismatch as e:
       raise ConfigError(str(e)) from None
     logger.info(f"done: {spec.num_samples} samples in {out_dir}")

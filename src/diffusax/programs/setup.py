@@ -364,14 +364,18 @@ def json_tuples(v):
 
 
 def job_spec(u: ModelSetup, step: int, num_samples: int | None = None,
-             guide: GuideModel | None = None) -> job_lib.JobSpec:
+             guide: GuideModel | None = None, base=None) -> job_lib.JobSpec:
   s = u.s
   ncls = u.num_classes if s.class_conditional else None
   if ncls and s.sample.labels and not all(0 <= v < ncls for v in s.sample.labels):
     raise ConfigError(f"sample.labels must lie in [0, {ncls}), got {list(s.sample.labels)}")
   if not ncls and s.sample.labels:
     raise ConfigError("sample.labels given but the model is unconditional")
-  return job_lib.JobSpec(num_samples=num_samples or s.sample.num_samples, shard_size=s.sample.shard_size,
+  fields = {}
+  if s.task.enabled:
+    from diffusax.programs import setup_task
+    fields = setup_task.job_fields(u, base)
+  return job_lib.JobSpec(**fields, num_samples=num_samples or s.sample.num_samples, shard_size=s.sample.shard_size,
                          seed=s.sample.seed, method=s.sample.method, num_steps=s.sample.num_steps,
                          eta=s.sample.eta, guidance_scale=s.sample.guidance_scale, labels=tuple(s.sample.labels),
                          num_classes=ncls, checkpoint_step=step, sample_shape=tuple(u.sample_shape),
@@ -390,8 +394,19 @@ def default_out_dir(workdir: str, spec: job_lib.JobSpec) -> str:
                       f"_w{spec.guidance_scale:g}{guided}{interval}{clip}_seed{spec.seed}")
 
 
+def job_fn(u: ModelSetup, spec: job_lib.JobSpec, guide: GuideModel | None = None, base=None):
+  """The sampling job's function of `spec`: `job_lib.make_sample_fn`, or a conditional task's
+  (`setup_task.job_fn`: held-out conditions, or the cascade of `base` then this model)."""
+  s = u.s
+  if s.task.enabled:
+    from diffusax.programs import setup_task
+    return setup_task.job_fn(u, spec, base)
+  return job_lib.make_sample_fn(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class,
+                                guide=guide.guide if guide is not None else None)
+
+
 def run_sample_job(u: ModelSetup, params, spec: job_lib.JobSpec, out_dir: str, logger: Logger,
-                   sample_fn=None, guide: GuideModel | None = None) -> dict:
+                   sample_fn=None, guide: GuideModel | None = None, base=None) -> dict:
   """Runs (or finishes) the job and writes its grid; returns the job's summary with the grid path.
 
   `sample_fn`: `job_lib.make_sample_fn`'s function for `spec`, when the caller keeps one to reuse
@@ -399,10 +414,18 @@ def run_sample_job(u: ModelSetup, params, spec: job_lib.JobSpec, out_dir: str, l
   `guide`: autoguidance's guiding model (`restore_guide`); `params` are then the main model's alone.
   """
   s = u.s
-  fn = sample_fn or job_lib.make_sample_fn(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class,
-                                           guide=guide.guide if guide is not None else None)
+  fn = sample_fn or job_fn(u, spec, guide, base)
   if guide is not None:
     params = (params, guide.params)
+  if s.task.enabled:  # A conditional model: the held-out conditions, or the cascade's base stage.
+    from diffusax.programs import setup_task
+    inputs_for = None if base is not None else setup_task.held_out_inputs(u)
+    if base is not None:
+      params = (params, base.params)
+    out = job_lib.run_job(fn, params, spec, out_dir, u.mesh, log=logger.info, inputs_for=inputs_for)
+    if jax.process_index() == 0:
+      out["grid"] = setup_task.write_grid(out_dir)
+    return out
   if u.latent is not None:  # Latent samples are decoded to images inside the same jitted function.
     from diffusax.programs import setup_latent
     fn = setup_latent.decoding(fn, u.latent)

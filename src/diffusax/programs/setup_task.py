@@ -7,12 +7,17 @@ is a function of (seed, indices) alone.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusax import storage
 from diffusax.data import pipeline, tasks
+from diffusax.programs.errors import ConfigError
 from diffusax.sampling import generate
 
 GRID_EXAMPLES = 8  # Columns of a conditional task's sample grid.
@@ -113,3 +118,116 @@ def metrics(u, params, gen=None, n: int = METRIC_EXAMPLES) -> dict:
     err = (out - batch["x"]) * m
     result["known_rms"] = float(np.sqrt(np.sum(err ** 2) / max(np.sum(m) * out.shape[-1], 1)))
   return result
+
+
+# --- sampling jobs of a conditional model: conditions from the held-out split, or a cascade's base stage ---
+
+@dataclasses.dataclass(frozen=True)
+class BaseStage:
+  """A cascade's first stage (cascade.base_workdir): its set-up (network rebuilt from its checkpoint's
+  signature), EMA parameters on the main model's mesh, and checkpoint step."""
+  setup: Any
+  params: Any
+  step: int
+  workdir: str
+
+  @property
+  def tag(self) -> str:
+    return f"cascade:{self.workdir}@{self.step}"
+
+
+def restore_base(u, logger=None) -> BaseStage | None:
+  """The base stage of cascade.base_workdir (None when it is ""): a model of the same data at the
+  super-resolution stage's condition resolution, rebuilt from its own checkpoint's signature."""
+  from diffusax import nn
+  from diffusax.programs import setup as setup_lib
+  s = u.s
+  wd = s.task.base_workdir
+  if not wd:
+    return None
+  ckpt = setup_lib.open_checkpointer(u, wd, logger)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ConfigError(f"cascade.base_workdir={wd}: no checkpoint in {ckpt.directory}")
+    step = max(steps) if s.task.base_step < 0 else s.task.base_step
+    if step not in steps:
+      raise ConfigError(f"cascade.base_step={step} is not in {ckpt.directory}; it has {sorted(steps)}")
+    model = ckpt.read_meta(step).get("signature", {}).get("model", {})
+  finally:
+    ckpt.close()
+  if model.get("task"):
+    raise ConfigError(f"cascade.base_workdir={wd}: its model is itself conditional (task {model['task']}); a "
+                      "cascade's base stage generates from labels alone")
+  if model.get("class_conditional") != s.class_conditional:
+    raise ConfigError(f"cascade.base_workdir={wd}: the base model has class_conditional "
+                      f"{model.get('class_conditional')!r}, this stage {s.class_conditional!r}")
+  if model.get("name") not in nn.NETWORKS:
+    raise ConfigError(f"cascade.base_workdir={wd}: its checkpoint names no known network ({model.get('name')!r})")
+  from diffusax.programs.task_settings import TaskSettings
+  bs = dataclasses.replace(s, model_name=model["name"], model_kwargs=setup_lib.json_tuples(model.get("kwargs", {})),
+                           schedule_name=model.get("schedule", s.schedule_name), schedule_kwargs={},
+                           loss=dataclasses.replace(s.loss, target=model["target"]), task=TaskSettings())
+  data = dataclasses.replace(u.data, shape=tuple(u.cond_shape))
+  bu = setup_lib.model_setup(bs, list(u.mesh.devices.flat), data=data)
+  params, step = setup_lib.restore_ema(bu, wd, step, logger)
+  return BaseStage(setup=bu, params=params, step=step, workdir=wd)
+
+
+def job_fields(u, base: BaseStage | None) -> dict:
+  """The JobSpec fields of a conditional model's sampling job."""
+  t = u.s.task
+  split = u.s.data.eval_split or u.s.data.split
+  return {"task": json.dumps(t.identity(), sort_keys=True), "cond_shape": tuple(u.cond_shape),
+          "conditions": base.tag if base is not None else f"held_out:{split}", "aug_level": t.aug_level,
+          "truncated": bool(t.truncated), "base_guidance_scale": t.base_guidance_scale if base is not None else 0.0}
+
+
+def job_fn(u, spec, base: BaseStage | None = None) -> Callable:
+  """The sampling job's function of a conditional model: conditions from the held-out split (run_job's
+  inputs_for), or the cascade of `base` then this stage."""
+  from diffusax.sampling import job as job_lib
+  s = u.s
+  sr = job_lib.make_conditional_sample_fn(u.module, u.schedule, s.loss.target, spec, null_class=s.loss.null_class)
+  if base is None:
+    return sr
+  b = base.setup
+  base_spec = dataclasses.replace(spec, sample_shape=tuple(u.cond_shape), guidance_scale=spec.base_guidance_scale)
+  base_fn = job_lib.make_sample_fn(b.module, b.schedule, b.s.loss.target, base_spec, null_class=b.s.loss.null_class,
+                                   stream=BASE_STREAM, t_stop=s.task.aug_level if s.task.truncated else None)
+  scale = jnp.float32(spec.base_guidance_scale)
+  return job_lib.make_cascade_fn(lambda p, i, y: base_fn(p, i, y, scale), sr)
+
+
+BASE_STREAM = 0xBA5E  # A cascade's base stage draws from fold_in(key(seed), BASE_STREAM).
+
+
+def held_out_inputs(u) -> Callable:
+  """inputs_for(indices) -> (labels, condition images) of held-out examples indices mod N (run_job)."""
+  source = pipeline.open_source(u.s.data.name, u.s.data.eval_split or u.s.data.split, u.s.data.data_dir)
+  batch = held_out(u, len(source))
+  n = len(batch["x"])
+
+  def inputs_for(indices):
+    idx = np.asarray(indices, np.int64) % n
+    return np.asarray(batch["label"], np.int32)[idx], batch["cond_image"][idx]
+
+  return inputs_for
+
+
+def write_grid(out_dir: str, columns: int = GRID_EXAMPLES) -> str:
+  """samples.png of a conditional job: its first conditions (nearest-upscaled to the samples' size) over
+  their samples."""
+  from diffusax.sampling import job as job_lib
+  d = job_lib.load(out_dir)
+  x, c = d["samples"][:columns], d["conditions"][:columns]
+  if c.shape[-1] == x.shape[-1] + 1:  # Inpainting: the masked image (its last channel is the mask).
+    c = c[..., :x.shape[-1]]
+  elif c.shape[-1] != x.shape[-1]:  # Colourisation: the grey image as RGB.
+    c = np.repeat(c[..., :1], x.shape[-1], axis=-1)
+  f = x.shape[1] // c.shape[1]
+  c = c.repeat(f, 1).repeat(f, 2)
+  img = generate.image_grid(np.concatenate([c, x]), 2, upscale=max(1, 64 // x.shape[1]))
+  path = storage.join(out_dir, "samples.png")
+  generate.save_png(path, img)
+  return path

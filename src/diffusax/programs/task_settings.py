@@ -18,6 +18,10 @@ class TaskSettings:
   image_dropout: float = 0.0   # P(image condition dropped) at training (CFG on the image)
   aug_max: float = 0.0         # noise-conditioning augmentation at training: s ~ U[0, aug_max]
   aug_level: float = 0.0       # the augmentation level s of the condition at sampling (sample.aug_level)
+  base_workdir: str = ""       # cascade.base_workdir: the base stage whose samples are the conditions
+  base_step: int = -1          # cascade.base_step
+  base_guidance_scale: float = 1.0  # cascade.base_guidance_scale: the base stage's CFG scale
+  truncated: bool = False      # cascade.truncated: the base stops at s = aug_level, its x_s the condition
 
   @property
   def enabled(self) -> bool:
@@ -81,6 +85,14 @@ def parse_task(c) -> TaskSettings:
                       "or sample at aug_level 0")
   if c.model.name == "mlp" and name != "generate":
     raise ConfigError(f"task.name={name!r} conditions on an image: model.name must be 'unet' or 'dit', not 'mlp'")
+  k = c.cascade
+  if k.base_workdir and name != "super_resolution":
+    raise ConfigError(f"cascade.base_workdir is the base stage of a super-resolution model; task.name is {name!r}")
+  if k.truncated and not (k.base_workdir and float(c.sample.aug_level) > 0):
+    raise ConfigError("cascade.truncated stops the base stage at s = sample.aug_level: it needs "
+                      "cascade.base_workdir and sample.aug_level > 0")
   return TaskSettings(name=name, factor=positive("task.factor", t.factor), mask_kind=str(t.mask_kind),
                       image_dropout=float(t.image_dropout), aug_max=float(t.aug_max),
-                      aug_level=float(c.sample.aug_level))
+                      aug_level=float(c.sample.aug_level), base_workdir=str(k.base_workdir),
+                      base_step=int(k.base_step), base_guidance_scale=float(k.base_guidance_scale),
+                      truncated=bool(k.truncated))

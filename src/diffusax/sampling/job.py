@@ -71,6 +71,13 @@ class JobSpec:
   spacing: str = ""               # the sampler's grid spacing ("" = the method's default)
   order: int = 0                  # UniPC's order (0 = its default)
   decoder: str = ""               # latent diffusion: the autoencoder that decodes the samples ("" = pixels)
+  task: str = ""                  # a conditional task's model (its signature's task, JSON); "" = generate
+  conditions: str = ""            # where a task's conditions come from: "held_out:<split>" (example i mod N),
+                                  # or "cascade:<base workdir>@<step>" (the base stage's sample i)
+  cond_shape: tuple = ()          # the condition image's per-example shape
+  aug_level: float = 0.0          # the condition's augmentation level s at sampling
+  truncated: bool = False         # cascade: the base stopped at s, its x_s the condition (CDM's truncated form)
+  base_guidance_scale: float = 0.0  # cascade: the base stage's CFG scale
 
   @property
   def num_shards(self) -> int:
@@ -89,6 +96,7 @@ class JobSpec:
     d = dataclasses.asdict(self)
     d["labels"], d["sample_shape"] = list(self.labels), list(self.sample_shape)
     d["guidance_interval"] = [float(v) for v in self.guidance_interval]
+    d["cond_shape"] = list(self.cond_shape)
     return d
 
 
@@ -110,17 +118,23 @@ def labels_for(spec: JobSpec, indices: np.ndarray) -> np.ndarray | None:
 
 
 def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: int | None,
-                   guide: Guide | None = None) -> Callable:
+                   guide: Guide | None = None, stream: int | None = None, t_stop: float | None = None) -> Callable:
   """fn(params, indices [B] uint32, labels [B] int32 | None, scale) -> float32 samples [B, *shape].
 
   Guidance with weight `scale` (spec.guidance_interval applies): with `guide`,
   autoguidance (`core.guidance.autoguidance`, params = (main params, guide params));
   else CFG against the null class when the model is conditional.
+  `stream`: the job's draws come from fold_in(key(seed), stream) instead of key(seed) (a cascade's base
+  stage: its noise independent of the next stage's). `t_stop` > 0: the reverse process stops at that time
+  and returns x_{t_stop} (`core.conditioning.sample_to`; truncated conditioning augmentation).
   """
+  from diffusax.core import conditioning
   from diffusax.nn import bridge
   options = spec.sampler_options()
   shape = tuple(spec.sample_shape)
   base = jax.random.key(spec.seed)
+  if stream is not None:
+    base = jax.random.fold_in(base, stream)
   k_noise, k_loop = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
   interval = None if tuple(spec.guidance_interval) == (0.0, 1.0) else tuple(spec.guidance_interval)
 
@@ -135,6 +149,9 @@ def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: 
       model = guidance.autoguidance(model, weak, scale=scale, interval=interval)
     else:  # CFG, or a w-conditioned network's own guidance input (`bridge.condition`).
       model, labels = bridge.condition(module, model, labels, scale, null_class, interval)
+    if t_stop:
+      return conditioning.sample_to(model, x_T, t_stop, key=key, method=spec.method, num_steps=spec.num_steps,
+                                    cond=labels, options=options, clip_x0=spec.clip_x0 or None)
     return samplers.sample(model, x_T, key=key, method=spec.method, num_steps=spec.num_steps, cond=labels,
                            options=options, clip_x0=spec.clip_x0 or None)
 
@@ -149,6 +166,61 @@ def make_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: 
       return jax.vmap(lambda x, i: one(x, None, i))(x_T, indices)
     return jax.vmap(one)(x_T, labels, indices)
 
+  return fn
+
+
+def make_conditional_sample_fn(module, schedule, target: str, spec: JobSpec, *, null_class: int | None,
+                               guide_on=("label",)) -> Callable:
+  """fn(params, indices [B] uint32, labels [B] int32 | None, scale, image [B, h, w, c]) -> float32 samples of a
+  conditional task's model given each sample's clean condition image.
+
+  The condition goes in at spec.aug_level (`generate.condition`: noise from fold_in(key(seed) -> 2, i)),
+  or as it is when spec.truncated (a truncated cascade's x_s, already at that level). CFG with weight
+  `scale` on `generate.guided_parts` (`core.conditioning.cfg_on`). Draws per sample index as in
+  make_sample_fn."""
+  from diffusax.core import conditioning
+  from diffusax.nn import bridge
+  options = spec.sampler_options()
+  shape = tuple(spec.sample_shape)
+  base = jax.random.key(spec.seed)
+  k_noise, k_loop, k_cond = (jax.random.fold_in(base, i) for i in range(3))
+
+  def run(params, x_T, labels, image, s, scale, key):
+    model = bridge.model(module, {"params": params}, target, schedule)
+    cond = conditioning.complete(conditioning.Cond(label=labels, image=image, aug_level=s))
+    parts = generate.guided_parts(module, labels, guide_on)
+    if parts:
+      model = conditioning.cfg_on(model, parts=parts, scale=scale, null_label=null_class)
+    return samplers.sample(model, x_T, key=key, method=spec.method, num_steps=spec.num_steps, cond=cond,
+                           options=options, clip_x0=spec.clip_x0 or None)
+
+  def fn(params, indices, labels, scale, image):
+    x_T = generate.initial_noise(k_noise, indices, shape, bridge.bind_schedule(schedule, params).prior_std)
+    if spec.truncated:  # x_s of the base stage: the condition at level s as it is.
+      s = jnp.full((image.shape[0],), spec.aug_level, jnp.float32) if getattr(module, "aug_embed", False) else None
+      c = conditioning.Cond(image=jnp.asarray(image, jnp.float32), aug_level=s)
+    else:
+      c = generate.condition(module, bridge.bind_schedule(schedule, params), indices, None, image, spec.aug_level,
+                             k_cond)
+    image, s = c.image, c.aug_level
+    if not spec.per_sample_keys():
+      return run(params, x_T, labels, image, s, scale, k_loop)
+    one = lambda x, y, z, a, i: run(params, x[None], None if y is None else y[None], z[None],
+                                    None if a is None else a[None], scale, jax.random.fold_in(k_loop, i))[0]
+    return jax.vmap(one, in_axes=(0, None if labels is None else 0, 0, None if s is None else 0, 0))(
+        x_T, labels, image, s, indices)
+
+  return fn
+
+
+def make_cascade_fn(base_fn: Callable, sr_fn: Callable) -> Callable:
+  """fn((sr params, base params), indices, labels, scale) -> (samples, base samples): the base stage's
+  sample i (`make_sample_fn` with its own stream and scale) is the condition of the super-resolution
+  stage's sample i (`make_conditional_sample_fn`); both in one program."""
+  def fn(params, indices, labels, scale):
+    sr_params, base_params = params
+    low = base_fn(base_params, indices, labels)
+    return sr_fn(sr_params, indices, labels, scale, low), low
   return fn
 
 
@@ -198,11 +270,15 @@ def _fmt(s: float) -> str:
 
 
 def run_job(sample_fn: Callable, params, spec: JobSpec, out_dir: str, mesh, *, log=print,
-            is_image: bool = True) -> dict:
+            is_image: bool = True, inputs_for: Callable | None = None) -> dict:
   """Generates every missing shard of `spec` into out_dir; returns {"out_dir", "num_samples", "shards"}.
 
   Multi-process: every process runs this with the same arguments; the shard
   list is process 0's, inputs are split over the mesh, process 0 writes.
+  `inputs_for(indices) -> (labels | None, image)`: a conditional task's inputs of those global indices
+  (the held-out examples' labels and condition images), passed as sample_fn's labels and fifth argument.
+  With spec.cond_shape, sample_fn returns (samples, conditions) and each shard also holds the conditions
+  (uint8 images) as 'conditions'.
   """
   pid, nproc = jax.process_index(), jax.process_count()
   done = prepare_dir(out_dir, spec) if pid == 0 else set()
@@ -218,7 +294,12 @@ def run_job(sample_fn: Callable, params, spec: JobSpec, out_dir: str, mesh, *, l
   sh = mesh_lib.batch_sharding(mesh, 1)
   out_sh = mesh_lib.batch_sharding(mesh, 1 + len(spec.sample_shape))
   conditional = spec.num_classes is not None
-  fn = jax.jit(sample_fn, out_shardings=out_sh)
+  with_cond = bool(spec.cond_shape)
+  cond_sh = mesh_lib.batch_sharding(mesh, 1 + len(spec.cond_shape)) if with_cond else None
+  if with_cond and inputs_for is not None:  # Return the condition beside the sample, as a cascade does.
+    inner = sample_fn
+    sample_fn = lambda p, i, y, w, z: (inner(p, i, y, w, z), z)  # noqa: E731
+  fn = jax.jit(sample_fn, out_shardings=(out_sh, cond_sh) if with_cond else out_sh)
   scale = jnp.float32(spec.guidance_scale)
   have = sum(min(spec.shard_size, spec.num_samples - k * spec.shard_size) for k in done)
   if done:
@@ -229,18 +310,27 @@ def run_job(sample_fn: Callable, params, spec: JobSpec, out_dir: str, mesh, *, l
     idx = np.arange(lo, lo + pad, dtype=np.uint32)
     idx[hi - lo:] = hi - 1  # padding repeats the last index and is cropped
     lab = labels_for(spec, idx)
+    extra = ()
     part = slice(pid * local, (pid + 1) * local)
+    if inputs_for is not None:
+      held_lab, image = inputs_for(idx)
+      lab = held_lab if conditional else None
+      extra = (jax.make_array_from_process_local_data(cond_sh, np.asarray(image, np.float32)[part]),)
     g_idx = jax.make_array_from_process_local_data(sh, idx[part])
     g_lab = jax.make_array_from_process_local_data(sh, lab[part]) if conditional else None
-    x = fn(params, g_idx, g_lab, scale)
+    out = fn(params, g_idx, g_lab, scale, *extra)
+    x, low = out if with_cond else (out, None)
     if nproc > 1:
       from jax.experimental import multihost_utils
       x = multihost_utils.process_allgather(x, tiled=True)
+      low = None if low is None else multihost_utils.process_allgather(low, tiled=True)
     x = np.asarray(x)[:hi - lo]
     if pid == 0:
       data = {"samples": to_storage(x, is_image), "indices": idx[:hi - lo].astype(np.int64),
               "labels": lab[:hi - lo] if conditional else np.full(hi - lo, -1, np.int32),
               "seed": np.int64(spec.seed)}
+      if low is not None:
+        data["conditions"] = to_storage(np.asarray(low)[:hi - lo], is_image)
       storage.commit(shard_path(out_dir, k), _npz(data))
     made += hi - lo
     have += hi - lo
@@ -261,7 +351,8 @@ def load(out_dir: str) -> dict:
     raise FileNotFoundError(f"{out_dir}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} missing; "
                             "run the sampling job again to finish it")
   parts = [dict(np.load(io.BytesIO(storage.read_bytes(shard_path(out_dir, k))))) for k in range(n)]
-  out = {key: np.concatenate([p[key] for p in parts]) for key in ("samples", "labels", "indices")}
+  keys = ("samples", "labels", "indices") + (("conditions",) if all("conditions" in p for p in parts) else ())
+  out = {key: np.concatenate([p[key] for p in parts]) for key in keys}
   if not np.array_equal(out["indices"], np.arange(spec["num_samples"])):
     raise ValueError(f"{out_dir}: shard indices are not 0..{spec['num_samples'] - 1}")
   return out
