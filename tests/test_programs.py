@@ -261,3 +261,25 @@ def test_registry_describes_embedded_sets_without_reading_a_split(tmp_path):
   d = registry.describe("toy_gmm2d", str(tmp_path))
   assert (d.shape, d.num_classes, d.transform, d.features) == ((2,), 8, "vector", None)
   assert not os.listdir(tmp_path), "describing a dataset must not build or read it"
+
+
+def test_every_config_file_parses():
+  """Each configs/*.py (and each stage of one that takes an argument) gives Settings: no key the schema
+  lacks, no value the programs refuse. No data is read."""
+  import glob
+  import importlib.util
+  import inspect
+  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
+    spec = importlib.util.spec_from_file_location(f"cfg_{os.path.basename(path)[:-3]}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    params = inspect.signature(mod.get_config).parameters
+    args = [()] if not params else [(a,) for a in ("base", "sr")]
+    for a in args:
+      c = mod.get_config(*a)
+      if c.stage == "autoencoder" and c.train.num_steps == 0:  # Its command line names the weights to import.
+        c.autoencoder.init_from = "/weights/from/the/command/line"
+      try:
+        settings_lib.parse(c)
+      except ConfigError as e:
+        raise AssertionError(f"{path}{a}: {e}") from None
