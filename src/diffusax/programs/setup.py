@@ -390,6 +390,9 @@ def default_out_dir(workdir: str, spec: job_lib.JobSpec) -> str:
   interval = "" if tuple(spec.guidance_interval) == (0.0, 1.0) else "_t{:g}-{:g}".format(*spec.guidance_interval)
   clip = f"_clip{spec.clip_x0:g}" if spec.clip_x0 else ""
   clip += (f"_{spec.spacing}" if spec.spacing else "") + (f"_order{spec.order}" if spec.order else "")
+  if spec.task:  # A conditional model: where the conditions come from and their level.
+    clip += ("_cascade" + ("_trunc" if spec.truncated else "") + f"_bw{spec.base_guidance_scale:g}"
+             if spec.conditions.startswith("cascade:") else "_heldout") + f"_s{spec.aug_level:g}"
   return storage.join(workdir, "samples", f"step{spec.checkpoint_step}_{spec.method}{spec.num_steps}"
                       f"_w{spec.guidance_scale:g}{guided}{interval}{clip}_seed{spec.seed}")
 
