@@ -191,11 +191,27 @@ def colorization(runs: str, n: int = 500) -> dict:
           "real_subset": {"fd_photos": float(distances.frechet_distance_from_features(feats(real[:n]), ref))}}
 
 
+def task_metrics(runs: str) -> dict:
+  """The end-of-training held-out task metrics (`setup_task.metrics`: samples and the posterior mean, PSNR /
+  SSIM; super-resolution's bicubic baseline; inpainting's known-pixel error) recomputed from each run's
+  final EMA with the current code."""
+  from diffusax.programs import setup_task
+  out = {}
+  for name, cfg, over in (("photos_sr", "photos_sr", {}),
+                          ("photos_sr_noaug", "photos_sr", {"task.aug_max": 0.0, "sample.aug_level": 0.0}),
+                          ("photos_colorize", "photos_colorize", {}), ("photos_inpaint", "photos_inpaint", {})):
+    wd = os.path.join(runs, name)
+    if os.path.isdir(os.path.join(wd, "checkpoints")):
+      u, params, step = _restore(cfg, wd, over)
+      out[name] = {"step": step, **setup_task.metrics(u, params)}
+  return out
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--runs", default="runs", help="the folder holding the runs' workdirs")
   p.add_argument("--out", default=os.path.join(HERE, "cascade.json"))
-  p.add_argument("--skip", default="", help="comma-separated parts to leave out: flops, inpainting, colorization")
+  p.add_argument("--skip", default="", help="comma-separated parts to leave out: flops, inpainting, colorization, task_metrics")
   a = p.parse_args()
   skip = set(a.skip.split(","))
   out = {"runs": collect(a.runs)}
@@ -205,6 +221,8 @@ def main():
     out["inpainting"] = inpainting(a.runs)
   if "colorization" not in skip:
     out["colorization"] = colorization(a.runs)
+  if "task_metrics" not in skip:
+    out["task_metrics"] = task_metrics(a.runs)
   with open(a.out, "w") as f:
     json.dump(out, f, indent=1)
   print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))

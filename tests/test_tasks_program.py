@@ -91,6 +91,7 @@ def test_the_network_takes_the_condition_and_the_signature_names_the_task(sr_run
   t = m["task"]
   assert t["task"] == "super_resolution" and t["examples"] == 256 and t["aug_level"] == 0.1
   assert 0 < t["model"]["psnr"] < 60 and -1 <= t["model"]["ssim"] <= 1
+  assert 0 < t["posterior_mean"]["psnr"] < 60 and -1 <= t["posterior_mean"]["ssim"] <= 1
   assert 20 < t["bicubic"]["psnr"] < 60 and t["bicubic"]["ssim"] > 0.5
 
 
