@@ -36,4 +36,5 @@ def get_config(stage: str = "sr"):
   c.task.aug_max = 0.5
   c.sample.aug_level = 0.1
   c.sample.guidance_scale = 0.0
+  c.eval.metrics = ("fd", "kid")
   return c

@@ -12,4 +12,5 @@ def get_config():
   c = sibling_config(__file__, "photos")
   c.task.name = "colorization"
   c.sample.guidance_scale = 0.0            # The label unguided: the grey image carries the content.
+  c.eval.metrics = ("fd", "kid", "class_accuracy")  # Bits/dim are not defined for a conditional model here.
   return c

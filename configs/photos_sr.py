@@ -20,4 +20,5 @@ def get_config():
   c.task.aug_max = 0.5                     # Training condition at q(z_s | z), s ~ U[0, 0.5] (vp_cosine time).
   c.sample.aug_level = 0.1                 # The condition's level at sampling (the ablation sweeps it).
   c.sample.guidance_scale = 0.0            # The label unguided: the condition image carries the content.
+  c.eval.metrics = ("fd", "kid", "class_accuracy")  # Bits/dim are not defined for a conditional model here.
   return c
