@@ -116,7 +116,7 @@ def _restore(cfg: str, wd: str, overrides: dict | None = None):
   return u, params, step
 
 
-def inpainting(runs: str, n: int = 500, repaint_steps: int = 100) -> dict:
+def inpainting(runs: str, n: int = 250, repaint_steps: int = 50) -> dict:
   """Trained inpainting (configs/photos_inpaint.py, its sampler) against RePaint replacement
   (`core.inpaint`, ddpm x repaint_steps, resample 1) with the unconditional-compute twin configs/photos.py
   (same U-Net, same steps and batch), on the same n held-out crops and masks: FD of the completed images
@@ -170,7 +170,7 @@ def inpainting(runs: str, n: int = 500, repaint_steps: int = 100) -> dict:
   return res
 
 
-def colorization(runs: str, n: int = 500) -> dict:
+def colorization(runs: str, n: int = 250) -> dict:
   """Colourisation: FD of the colourised held-out crops (and of the grey inputs as RGB) against the 1000
   test crops, PSNR / SSIM against the colour crops."""
   from diffusax.evaluation import distances, reconstruction
