@@ -314,6 +314,22 @@ def check_guide(s: Settings) -> None:
     raise ConfigError(f"sample.guide_workdir={wd}: no checkpoint in {d} (the guiding model's run directory)")
 
 
+def checkpoint_model(u: ModelSetup, wd: str, step: int, wd_key: str, step_key: str, logger: Logger | None = None):
+  """(step, the model part of its signature) of another run's checkpoint (step < 0: the latest), refused
+  with the config keys that named it when there is none or the step is missing."""
+  ckpt = open_checkpointer(u, wd, logger)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ConfigError(f"{wd_key}={wd}: no checkpoint in {ckpt.directory}")
+    step = max(steps) if step < 0 else step
+    if step not in steps:
+      raise ConfigError(f"{step_key}={step} is not in {ckpt.directory}; it has {sorted(steps)}")
+    return step, ckpt.read_meta(step).get("signature", {}).get("model", {})
+  finally:
+    ckpt.close()
+
+
 def restore_guide(u: ModelSetup, logger: Logger | None = None) -> GuideModel | None:
   """The guiding model of sample.guide_workdir (None when it is ""), EMA params on u's mesh.
 
@@ -326,17 +342,7 @@ def restore_guide(u: ModelSetup, logger: Logger | None = None) -> GuideModel | N
   wd = s.sample.guide_workdir
   if not wd:
     return None
-  ckpt = open_checkpointer(u, wd, logger)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise ConfigError(f"sample.guide_workdir={wd}: no checkpoint in {ckpt.directory}")
-    step = max(steps) if s.sample.guide_step < 0 else s.sample.guide_step
-    if step not in steps:
-      raise ConfigError(f"sample.guide_step={step} is not in {ckpt.directory}; it has {sorted(steps)}")
-    model = ckpt.read_meta(step).get("signature", {}).get("model", {})
-  finally:
-    ckpt.close()
+  step, model = checkpoint_model(u, wd, s.sample.guide_step, "sample.guide_workdir", "sample.guide_step", logger)
   mine = u.signature["model"]
   for key in ("schedule", "class_conditional"):
     if model.get(key) != mine.get(key):

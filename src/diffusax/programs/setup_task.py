@@ -151,17 +151,7 @@ def restore_base(u, logger=None) -> BaseStage | None:
   wd = s.task.base_workdir
   if not wd:
     return None
-  ckpt = setup_lib.open_checkpointer(u, wd, logger)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise ConfigError(f"cascade.base_workdir={wd}: no checkpoint in {ckpt.directory}")
-    step = max(steps) if s.task.base_step < 0 else s.task.base_step
-    if step not in steps:
-      raise ConfigError(f"cascade.base_step={step} is not in {ckpt.directory}; it has {sorted(steps)}")
-    model = ckpt.read_meta(step).get("signature", {}).get("model", {})
-  finally:
-    ckpt.close()
+  step, model = setup_lib.checkpoint_model(u, wd, s.task.base_step, "cascade.base_workdir", "cascade.base_step", logger)
   if model.get("task"):
     raise ConfigError(f"cascade.base_workdir={wd}: its model is itself conditional (task {model['task']}); a "
                       "cascade's base stage generates from labels alone")
