@@ -164,6 +164,8 @@ def test_eval_mode_on_tiny_digits(tiny_digits):
   c.sample.shard_size, c.sample.guidance_scale = 24, 2.0
   evaluate.run(settings_lib.parse(c), wd)
   out = json.load(open(os.path.join(wd, "eval", "eval_0000004.json")))
+  # The same result beside its samples, so evaluating a step under another sampler setting loses nothing.
+  assert json.load(open(os.path.join(out["samples_dir"], "eval.json"))) == out
   m = out["metrics"]
   assert set(m) == {"fd_digits", "fd_digits_real_baseline", "kid_digits", "kid_digits_real_baseline",
                     "class_accuracy", "bpd_vlb", "bpd_ode"}, m

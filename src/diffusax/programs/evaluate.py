@@ -14,7 +14,8 @@ Metrics (eval.metrics):
   bpd_ode          bits/dim by the PF-ODE with Hutchinson's trace and uniform dequantisation.
 Likelihoods use the first eval.bpd_examples of data.eval_split, without labels (the null class of a
 CFG-trained model). Samples come from the resumable sampling job (WORKDIR/eval/samples_...), so an
-interrupted evaluation reuses the finished shards. Results go to WORKDIR/eval/eval_<step>.json.
+interrupted evaluation reuses the finished shards. Results go to WORKDIR/eval/eval_<step>.json (the latest
+evaluation of that step) and, for sample metrics, to eval.json in the samples' directory (one per sampler setting).
 """
 from __future__ import annotations
 
@@ -221,7 +222,8 @@ class Evaluator:
     return m
 
   def evaluate(self, params, step: int, workdir: str, logger: Logger) -> dict:
-    """Every metric of eval.metrics for `params`; writes WORKDIR/eval/eval_<step>.json and TensorBoard scalars."""
+    """Every metric of eval.metrics for `params`; writes WORKDIR/eval/eval_<step>.json (and
+    eval.json beside the samples) and TensorBoard scalars."""
     s, ev = self.u.s, self.u.s.eval
     t0 = time.perf_counter()
     metrics, extra = {}, {}
@@ -246,8 +248,11 @@ class Evaluator:
                              "hutchinson": ev.hutchinson, "t_min": ev.t_min},
               "seconds": round(time.perf_counter() - t0, 1), **extra}
     if jax.process_index() == 0:
+      blob = json.dumps(result, indent=1).encode()
       path = storage.join(workdir, "eval", f"eval_{step:07d}.json")
-      storage.commit(path, json.dumps(result, indent=1).encode(), marker=False)
+      storage.commit(path, blob, marker=False)
+      if extra.get("samples_dir"):  # Each sampler setting keeps its own result beside its samples.
+        storage.commit(storage.join(extra["samples_dir"], "eval.json"), blob, marker=False)
       result["path"] = path
     logger.scalars({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}, step)
     logger.info(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
